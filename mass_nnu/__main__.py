@@ -1,0 +1,3 @@
+from mass_nnu.cli import main
+
+main()
