@@ -81,8 +81,8 @@ def write_phantom_dataset(dataset_id: int, name: str, num_train: int, num_test: 
             if not labelled:
                 label = (image > -500).astype(np.uint8)
             case = f"{name.lower()}_{split.lower()}{i:03d}"
-            write_image(image, spacing, folder / f"images{split}" / f"{case}_0000.nii.gz")
-            write_image(label, spacing, folder / f"labels{split}" / f"{case}.nii.gz", dtype=np.uint8)
+            write_image(image, spacing, path=folder / f"images{split}" / f"{case}_0000.nii.gz")
+            write_image(label, spacing, path=folder / f"labels{split}" / f"{case}.nii.gz", dtype=np.uint8)
         write_dataset_json(folder, "CT", labels, num_train, name=name,
                            description="CT-like phantom" + ("" if labelled else
                                                             "; unlabelled: labelsTr holds only the body mask"))

@@ -42,7 +42,7 @@ def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Pat
     tmp.rename(final)
 
 
-def write_image(array: np.ndarray, spacing_zyx, path: Path, origin_xyz=(0.0, 0.0, 0.0), direction=None,
+def write_image(array: np.ndarray, spacing_zyx, path: Path, *, origin_xyz=(0.0, 0.0, 0.0), direction=None,
                 dtype=np.float32) -> None:
     """Write a (z, y, x) array as NIfTI with SimpleITK (spacing given in array order)."""
     import SimpleITK as sitk

@@ -1,0 +1,1 @@
+"""Evaluation stage: the label-efficiency benchmark (`mass benchmark`)."""
