@@ -111,21 +111,6 @@ def load_plans_file(dataset, plans_identifier: str) -> dict:
     return json.loads(path.read_text())
 
 
-def build_network_from_plans(plans: dict, configuration: str, num_input_channels: int, num_outputs: int,
-                             deep_supervision: bool = True):
-    """The exact network nnU-Net's trainer builds for these plans."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    if configuration not in plans["configurations"]:
-        raise MassError(f"configuration '{configuration}' not in plans '{plans.get('plans_name')}' "
-                        f"(has {', '.join(plans['configurations'])})")
-    config = PlansManager(plans).get_configuration(configuration)
-    return get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
-                                  config.network_arch_init_kwargs_req_import, num_input_channels, num_outputs,
-                                  allow_init=True, deep_supervision=deep_supervision)
-
-
 def configuration_summary(plans: dict, configuration: str) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
