@@ -277,7 +277,7 @@ class MASSModel(nn.Module):
         for module in modules:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
 
     def mass_config(self) -> dict:
