@@ -143,15 +143,21 @@ def test_output_depends_on_the_reference_mask(plans):
     assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
 
 
-def test_padded_task_slots_do_not_change_real_tasks(plans):
-    """In the shared decoder, a padded slot (valid False) must not influence the real tasks' logits."""
+@pytest.mark.parametrize("mode", ["shared", "per_task"])
+def test_padded_task_slots_do_not_change_real_tasks(plans, mode):
+    """A padded slot (valid False, any mask, even empty) must not influence the real tasks' logits."""
     torch.manual_seed(0)
-    model = build_mass_model(plans, "3d_fullres", 1).eval()
+    model = build_mass_model(plans, "3d_fullres", 1, decoder_mode=mode).eval()
     image, masks = blobs()
-    valid = torch.tensor([[True, False]])
+    valid = torch.tensor([[True, False, False]])
+    padding = torch.stack([masks[0], torch.rand_like(masks[0]), torch.zeros_like(masks[0])])
     with torch.no_grad():
         one = model(image[None], masks[None, :1], image[None])[0]
-        padded = model(image[None], torch.stack([masks[0], torch.rand_like(masks[0])])[None], image[None], valid)[0]
+        padded = model(image[None], padding[None], image[None], valid)[0]
+        # the joint encoder pass of forward() equals separate encode_task + segment
+        separate = model.segment(image[None], model.encode_task(image[None], padding[None], valid))[0]
+    assert torch.isfinite(padded).all()
+    assert torch.allclose(separate, padded, atol=1e-5)
     assert torch.allclose(one[:, 0], padded[:, 0], atol=1e-5)
 
 

@@ -271,6 +271,7 @@ class MASSModel(nn.Module):
         self._init_added(self.task_encoder, self.conditioning, self.head)
         # seg_layers stay in the state dict (weight transfer) but are unused: freeze them for DDP and optimisers
         backbone.decoder.seg_layers.requires_grad_(False)
+        self._has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
 
     @staticmethod
     def _init_added(*modules):
@@ -291,37 +292,49 @@ class MASSModel(nn.Module):
     def encode_task(self, ref_image: torch.Tensor, ref_masks: torch.Tensor,
                     valid: torch.Tensor | None = None) -> TaskTokens:
         """ref_image (B, C, *P), ref_masks (B, K, *P) in {0, 1}; valid (B, K) marks real (not padded) tasks."""
+        return self._tokens(self.parts.encoder(ref_image), ref_image, ref_masks, valid)
+
+    def segment(self, query_image: torch.Tensor, tokens: TaskTokens,
+                deep_supervision: bool | None = None) -> list[torch.Tensor]:
+        """Logits (B, K, *S) per decoder output, full resolution first (only that one without deep supervision)."""
+        return self._decode(self.parts.encoder(query_image), tokens, deep_supervision)
+
+    def forward(self, ref_image, ref_masks, query_image, valid: torch.Tensor | None = None,
+                deep_supervision: bool | None = None) -> list[torch.Tensor]:
+        """encode_task + segment; reference and query share one encoder pass when their shapes agree (instance
+        norm is per sample, so this equals two passes)."""
+        if ref_image.shape != query_image.shape or self._has_batch_norm:
+            return self.segment(query_image, self.encode_task(ref_image, ref_masks, valid), deep_supervision)
+        b = ref_image.shape[0]
+        skips = self.parts.encoder(torch.cat((ref_image, query_image)))
+        tokens = self._tokens([x[:b] for x in skips], ref_image, ref_masks, valid)
+        return self._decode([x[b:] for x in skips], tokens, deep_supervision)
+
+    def _tokens(self, skips, ref_image, ref_masks, valid) -> TaskTokens:
         if ref_masks.shape[0] != ref_image.shape[0] or ref_masks.shape[2:] != ref_image.shape[2:]:
             raise ValueError(f"reference masks {tuple(ref_masks.shape)} do not match image {tuple(ref_image.shape)}")
-        skips = self.parts.encoder(ref_image)
         scales = [enc(skips[-(s + 1)], ref_masks) for s, enc in enumerate(self.task_encoder)]
         if valid is None:
             valid = torch.ones(ref_masks.shape[:2], dtype=torch.bool, device=ref_masks.device)
         return TaskTokens(scales, valid.bool())
 
-    def segment(self, query_image: torch.Tensor, tokens: TaskTokens,
-                deep_supervision: bool | None = None) -> list[torch.Tensor]:
-        """Logits (B, K, *S) per decoder output, full resolution first (only that one without deep supervision)."""
+    def _decode(self, skips, tokens: TaskTokens, deep_supervision: bool | None) -> list[torch.Tensor]:
+        """Drives the nnU-Net decoder's own transpconvs and stages, conditioning before the deepest up-samplings."""
         deep_supervision = self.deep_supervision if deep_supervision is None else deep_supervision
         parts = self.parts
-        skips = parts.encoder(query_image)
         k = tokens.num_tasks
-        per_task = self.decoder_mode == "per_task"
-        expand = (lambda x: x.repeat_interleave(k, 0)) if per_task else (lambda x: x)  # noqa: E731
+        # per_task: every task gets its own decoder path from the bottleneck on (memory and time x K)
+        expand = (lambda x: x.repeat_interleave(k, 0)) if self.decoder_mode == "per_task" else (lambda x: x)  # noqa: E731
         x = expand(skips[-1])
         first_tokens, features = [], []
-        n_steps = len(parts.stages)
-        for s in range(n_steps):
+        for s in range(len(parts.stages)):
             if s < self.num_token_scales:
                 x, updated = self.conditioning[s](x, tokens.scales[s], tokens.valid)
                 first_tokens.append(updated[:, :, 0])
             x = parts.stages[s](torch.cat((parts.transpconvs[s](x), expand(skips[-(s + 2)])), 1))
             features.append(x)
-        # full resolution first; zip in the head uses only as many output layers as features given
+        # full resolution first; the head's zip uses only as many output layers as features given
         return self.head(first_tokens, features[::-1][:len(self.head.outputs) if deep_supervision else 1], k)
-
-    def forward(self, ref_image, ref_masks, query_image, valid: torch.Tensor | None = None):
-        return self.segment(query_image, self.encode_task(ref_image, ref_masks, valid))
 
 
 def build_mass_model(plans: dict, configuration: str, num_input_channels: int, **mass_kwargs) -> MASSModel:
