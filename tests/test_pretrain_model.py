@@ -274,3 +274,31 @@ def test_load_mass_model_round_trip(tmp_path, plans):
         build_mass_model(plans, "3d_fullres", 1, no_such_option=1)
     with pytest.raises(MassError, match="no configuration"):
         build_mass_model(plans, "2d", 1)
+
+
+def test_model_on_plans_from_mass_plan(nnunet_env, run_cli):
+    """Plans that `mass plan` writes (nnU-Net's ResEnc M planner) build the same backbone as nnU-Net's trainer."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.demo_data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(981, "MassModelPhantom", num_train=3, shape=(24, 32, 32))
+    result = run_cli("plan", "-d", "981", "-np", "1", "--no-pp")
+    assert result.exit_code == 0, result.output
+    plans = load_plans(981, "nnUNetResEncUNetMPlans")
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    trainer_net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 7, True)
+    model = build_mass_model(plans, "3d_fullres", 1, decoder_mode="per_task")
+    ours, theirs = model.backbone.state_dict(), trainer_net.state_dict()
+    assert [(k, v.shape) for k, v in ours.items() if ".seg_layers." not in k] == \
+        [(k, v.shape) for k, v in theirs.items() if ".seg_layers." not in k]
+    patch = cm.patch_size
+    masks = torch.zeros(1, 2, *patch)
+    masks[:, 0, : patch[0] // 2] = 1
+    masks[:, 1] = 1  # the whole-crop task
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, *patch), masks, torch.randn(1, 1, *patch))
+    assert tuple(out[0].shape) == (1, 2, *patch) and len(out) == len(cm.pool_op_kernel_sizes) - 2
