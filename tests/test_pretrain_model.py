@@ -1,6 +1,8 @@
 """MASS model and loss: backbone identity with nnU-Net, shapes, gradients, conditioning, loss, overfit, round trip."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -259,10 +261,17 @@ def test_load_mass_model_round_trip(tmp_path, plans):
     assert isinstance(loaded, MASSModel) and loaded.mass_config() == model.mass_config()
     assert info["configuration"] == "3d_fullres" and "network_weights" not in info
     image, masks = blobs()
-    model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(image[None], masks[None], image[None])[0],
                            loaded(image[None], masks[None], image[None])[0])
+    # a deep copy (an EMA model) drives its own backbone, not the original's
+    ema = copy.deepcopy(loaded)
+    assert ema.parts.encoder is ema.backbone.encoder and ema.parts.stages is ema.backbone.decoder.stages
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+        assert not torch.equal(ema(image[None], masks[None], image[None])[0],
+                               loaded(image[None], masks[None], image[None])[0])
     # a checkpoint of another architecture is refused with one clear error
     save_checkpoint({**checkpoint, "architecture_fingerprint": "0" * 16}, tmp_path / "bad.pth")
     with pytest.raises(MassError, match="fingerprint"):

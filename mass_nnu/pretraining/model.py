@@ -243,7 +243,7 @@ class MASSModel(nn.Module):
         if decoder_mode not in DECODER_MODES:
             raise MassError(f"decoder_mode '{decoder_mode}': use one of {', '.join(DECODER_MODES)}")
         self.backbone = backbone
-        parts = unet_parts(backbone)
+        parts = self._parts = unet_parts(backbone)
         n_stages = len(parts.output_channels)
         if n_stages < 2:
             raise MassError("network: MASS needs a U-Net with at least 2 stages")
@@ -287,7 +287,8 @@ class MASSModel(nn.Module):
 
     @property
     def parts(self):
-        return unet_parts(self.backbone)
+        """The backbone's encoder, decoder transpconvs and stages (plain references, not extra modules)."""
+        return self._parts
 
     def encode_task(self, ref_image: torch.Tensor, ref_masks: torch.Tensor,
                     valid: torch.Tensor | None = None) -> TaskTokens:
