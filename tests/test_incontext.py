@@ -125,8 +125,8 @@ def test_segment_geometry_labels_and_dice(workspace, run_cli):
     assert summary["labels"] == [2, 5] and set(summary["dice_per_case"]["odd"]) == {"2", "5"}
     assert "label 2" in result.output and "label 5" in result.output
 
-    result = run_cli("segment", "-m", workspace["model"], *ref_args(raw, 0), "-i", raw / "imagesTs", "-o", out)
-    assert result.exit_code == 0, result.output
+    result = run_cli("segment", "-m", workspace["model"], *ref_args(raw, 0, 1), "-i", raw / "imagesTs", "-o", out)
+    assert result.exit_code == 0, result.output  # 2-shot, a folder as input
     assert sorted(p.name for p in out.glob("phantom_ts*.nii.gz")) == ["phantom_ts000.nii.gz", "phantom_ts001.nii.gz"]
 
 
@@ -257,6 +257,22 @@ def test_embed_files_dataset_and_random_init(workspace, run_cli):
     assert result.exit_code == 0, result.output
     with np.load(root / "features_d.npz") as npz:
         assert np.allclose(npz["features"], features, atol=1e-5)
+    # with nnU-Net's preprocessed data (written by its preprocessor) -d reads that instead; same numbers
+    from mass_nnu.adapter import inference
+
+    plans = inference.plans_for(phantom_plans(), "3d_fullres")
+    folder = root / "preprocessed" / "Dataset990_Phantom" / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    for i in (0, 2):
+        case = f"phantom_tr{i:03d}"
+        plans.configuration.preprocessor_class(verbose=False).run_case_save(
+            str(folder / case), [str(raw / "imagesTr" / f"{case}_0000.nii.gz")], str(raw / "labelsTr" / f"{case}.nii.gz"),
+            plans.manager, plans.configuration, str(raw / "dataset.json"))
+    result = run_cli("embed", "-m", workspace["model"], "-d", "Dataset990_Phantom", "-o", root / "features_pp.npz")
+    assert result.exit_code == 0 and "2 preprocessed cases" in result.output, result.output
+    with np.load(root / "features_pp.npz") as npz:
+        assert list(npz["case_ids"]) == ["phantom_tr000", "phantom_tr002"]
+        assert np.allclose(npz["features"], features[[0, 2]], atol=1e-4)
     result = run_cli("embed", "-m", workspace["model"], "-i", raw / "imagesTr", "--random-init", "-o",
                      root / "features_random.npz", "--scales", 1)
     assert result.exit_code == 0, result.output

@@ -79,7 +79,7 @@ def encode_tasks(pretrained: Pretrained, references: list[Reference], labels: li
                 if label in reference.labels:
                     image, mask = reference_crop(reference, label, pretrained.patch_size)
                     sets.append(pretrained.model.encode_task(as_tensor(image, device), as_tensor(mask, device)))
-            per_label.append(TaskTokens.average(sets) if len(sets) > 1 else sets[0])
+            per_label.append(TaskTokens.average(sets))
     return TaskTokens([torch.cat([t.scales[s] for t in per_label], 1) for s in range(len(per_label[0].scales))],
                       torch.cat([t.valid for t in per_label], 1))
 
