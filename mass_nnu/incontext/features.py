@@ -83,15 +83,15 @@ def embed(pretrained: Pretrained, volumes, output: Path, num_scales: int = 3) ->
         raise MassError(f"--scales {num_scales}: must be at least 1")
     if not volumes:
         raise MassError("mass embed: no cases to embed")
+    output = Path(output)
+    if not output.name.endswith(".npz"):
+        raise MassError(f"{output}: the features file must end with .npz")
     rows, names = [], None
     for case_id, load in tqdm(volumes, desc="embedding", unit="case", disable=None):
         row, names = encoder_features(pretrained, load(), num_scales)
         rows.append(row)
     features = np.stack(rows)
     stages = np.asarray([int(n.split("_")[0][len("stage"):]) for n in names])
-    output = Path(output)
-    if not output.name.endswith(".npz"):
-        raise MassError(f"{output}: the features file must end with .npz")
     with atomic_path(output) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, features=features, case_ids=np.asarray([c for c, _ in volumes]),
