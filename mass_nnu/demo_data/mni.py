@@ -17,7 +17,7 @@ TEMPLATE_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 LABELS = {"background": 0, "white_matter_left": 1, "white_matter_right": 2, "grey_matter_left": 3,
-          "grey_matter_right": 4, "csf": 5}
+          "grey_matter_right": 4, "ventricles": 5}
 FULL_SPACING = (1.0, 1.5)   # mm, isotropic-ish range of the default cohort
 SMALL_SPACING = (3.6, 4.2)  # mm, gives volumes of about 48³
 
@@ -108,7 +108,8 @@ def make_subject(template: dict, seed: int, small: bool):
 
 
 def _labels(gm: np.ndarray, wm: np.ndarray, grid) -> np.ndarray:
-    """WM / cortical GM split left-right at the mid-sagittal plane, and CSF inside the brain."""
+    """WM / GM split left-right at the mid-sagittal plane, and the ventricles (CSF deep inside the brain).
+    Sulcal CSF near the brain surface stays unlabelled: at demo resolutions it is partial-volume noise."""
     from scipy import ndimage
 
     tissue = (gm + wm) > 0.5
@@ -125,7 +126,12 @@ def _labels(gm: np.ndarray, wm: np.ndarray, grid) -> np.ndarray:
     label[brain & (tissue_class == 0) & ~left] = LABELS["white_matter_right"]
     label[brain & (tissue_class == 1) & left] = LABELS["grey_matter_left"]
     label[brain & (tissue_class == 1) & ~left] = LABELS["grey_matter_right"]
-    label[brain & (tissue_class == 2)] = LABELS["csf"]
+    spacing = grid.GetSpacing()[::-1]
+    depth_mm = ndimage.distance_transform_edt(brain, sampling=spacing)
+    deep_csf, n = ndimage.label(brain & (tissue_class == 2) & (depth_mm > 12.0))
+    if n:
+        sizes = ndimage.sum_labels(deep_csf > 0, deep_csf, np.arange(1, n + 1))
+        label[np.isin(deep_csf, np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1)] = LABELS["ventricles"]
     return label
 
 

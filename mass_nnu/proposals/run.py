@@ -1,0 +1,179 @@
+"""Run a proposal backend over a dataset: sharding, resume, progress, summary and recall evaluation."""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from mass_nnu.errors import MassError
+from mass_nnu.proposals.store import (FOLDER, count_proposals, image_geometry, proposal_dir, read_proposals,
+                                      write_proposals)
+
+BACKENDS = ("supervoxel", "sam2")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'i/n' with 0 ≤ i < n (0-based, like SLURM_ARRAY_TASK_ID) -> (i, n)."""
+    if not shard:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise MassError(f"--shard '{shard}': expected i/n, e.g. 0/4 (0-based)") from None
+    if n < 1 or not 0 <= i < n:
+        raise MassError(f"--shard '{shard}': need 0 ≤ i < n")
+    return i, n
+
+
+def dataset_images(dataset) -> dict[str, list[Path]]:
+    """case_id -> channel files of imagesTr (nnU-Net naming: <case>_<XXXX><ending>)."""
+    from mass_nnu.adapter.datasets import load_dataset_json, raw_dir
+
+    meta = load_dataset_json(dataset)
+    ending = meta.get("file_ending", ".nii.gz")
+    folder = raw_dir(dataset) / "imagesTr"
+    cases: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob(f"*{ending}")):
+        case = path.name[: -len(ending)][:-5]
+        cases.setdefault(case, []).append(path)
+    if not cases:
+        raise MassError(f"{folder}: no images ending in {ending}")
+    return cases
+
+
+def shard_cases(cases: list[str], shard: tuple[int, int]) -> list[str]:
+    i, n = shard
+    return [c for k, c in enumerate(sorted(cases)) if k % n == i]
+
+
+def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str):
+    """A function (image array, spacing) -> layers."""
+    if backend == "supervoxel":
+        from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
+
+        settings = SupervoxelSettings(seed=seed)
+        return partial(supervoxel_proposals, settings=settings), settings.as_dict()
+    if backend == "sam2":
+        from mass_nnu.proposals.sam2_backend import Sam2Settings, load_sam2, sam2_proposals
+
+        settings = Sam2Settings()
+        models = load_sam2(sam2_checkpoint, sam2_config, device)
+        return partial(sam2_proposals, models=models, settings=settings), settings.as_dict()
+    raise MassError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
+
+
+def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = None, seed: int = 0,
+                    sam2_checkpoint: str | None = None, sam2_config: str | None = None, device: str = "cpu",
+                    num_processes: int = 1) -> dict:
+    """Write proposals for every (sharded) case that has none yet. Returns a summary dict."""
+    import SimpleITK as sitk
+    from tqdm import tqdm
+
+    cases = dataset_images(dataset)
+    todo = shard_cases(list(cases), parse_shard(shard))
+    run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device)
+    out_dir = proposal_dir(dataset)
+    pending = [(case, cases[case][0], out_dir / f"{case}.npz") for case in todo
+               if not (out_dir / f"{case}.npz").is_file()]
+    skipped = len(todo) - len(pending)
+    counts, seconds, empty = {}, {}, []
+    jobs = [(run_one, image_path, path, backend, params) for _, image_path, path in pending]
+    if num_processes > 1 and backend == "supervoxel" and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(num_processes)
+        results = pool.map(_propose_case, jobs)
+    else:
+        pool, results = None, map(_propose_case, jobs)
+    try:
+        for (case, image_path, _), (count, secs) in tqdm(zip(pending, results), total=len(pending),
+                                                          desc=f"proposals ({backend})", unit="case", disable=None):
+            counts[case], seconds[case] = count, secs
+            if count == 0:
+                empty.append(case)
+                warnings.warn(f"{image_path}: zero proposals (empty or constant image?); the case is skipped in "
+                              f"pretraining", stacklevel=1)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    summary = {"dataset": str(dataset), "backend": backend, "cases_done": len(counts), "cases_skipped": skipped,
+               "cases_empty": empty, "proposals_per_case": float(np.mean(list(counts.values()))) if counts else 0.0,
+               "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
+               "per_case": {c: {"proposals": counts[c], "seconds": round(seconds[c], 2)} for c in counts}}
+    _merge_summary(out_dir / "summary.json", summary, params)
+    return summary
+
+
+def _propose_case(job) -> tuple[int, float]:
+    """One case: read, propose, write atomically. Returns (number of proposals, seconds)."""
+    import SimpleITK as sitk
+
+    run_one, image_path, out_path, backend, params = job
+    image = _read_image(image_path)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim != 3:
+        raise MassError(f"{image_path}: image is {array.ndim}D; proposals need 3D volumes")
+    start = time.time()
+    layers = run_one(array, image.GetSpacing()[::-1])
+    elapsed = time.time() - start
+    write_proposals(out_path, layers, image_geometry(image), backend, params)
+    return count_proposals(layers), elapsed
+
+
+def _read_image(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise MassError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1][:120]})") from None
+
+
+def _merge_summary(path: Path, summary: dict, params: dict) -> None:
+    """summary.json accumulates per-case figures across shards and reruns (last writer wins per case)."""
+    from mass_nnu.io import save_json_atomic
+
+    previous = json.loads(path.read_text()) if path.is_file() else {"per_case": {}}
+    per_case = {**previous.get("per_case", {}), **summary["per_case"]}
+    save_json_atomic({"backend": summary["backend"], "params": params, "per_case": per_case,
+                      "proposals_per_case": float(np.mean([v["proposals"] for v in per_case.values()])) if per_case else 0.0,
+                      "seconds_per_case": float(np.mean([v["seconds"] for v in per_case.values()])) if per_case else 0.0},
+                     path)
+
+
+def evaluate_recall(dataset, labels_dir: str | Path, threshold: float = 0.5) -> dict:
+    """Best IoU per ground-truth structure for every case with proposals; recall = fraction ≥ threshold."""
+    import SimpleITK as sitk
+
+    from mass_nnu.adapter.datasets import load_dataset_json
+    from mass_nnu.proposals.evaluate import best_iou_per_structure
+
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise MassError(f"{labels_dir}: --eval-labels folder not found")
+    ending = load_dataset_json(dataset).get("file_ending", ".nii.gz")
+    per_case, best_all = {}, []
+    for path in sorted(proposal_dir(dataset).glob("*.npz")):
+        case = path.stem
+        label_path = labels_dir / f"{case}{ending}"
+        if not label_path.is_file():
+            raise MassError(f"{label_path}: no label for image {case} (needed by --eval-labels)")
+        layers, geometry = read_proposals(path)
+        label = sitk.GetArrayFromImage(_read_image(label_path))
+        if list(label.shape) != list(geometry["shape"]):
+            raise MassError(f"{label_path}: shape {label.shape} differs from its image's {tuple(geometry['shape'])}")
+        best = best_iou_per_structure(layers, label)
+        per_case[case] = best
+        best_all += list(best.values())
+    if not per_case:
+        raise MassError(f"{proposal_dir(dataset)}: no proposals to evaluate; run 'mass propose' first")
+    structures = sorted({s for b in per_case.values() for s in b})
+    return {"recall": float(np.mean(np.asarray(best_all) >= threshold)), "threshold": threshold,
+            "mean_best_iou": float(np.mean(best_all)),
+            "per_structure_mean_best_iou": {s: float(np.mean([b[s] for b in per_case.values() if s in b]))
+                                            for s in structures},
+            "per_case": per_case}
