@@ -41,19 +41,19 @@ class InContextLoss(nn.Module):
 
     def per_task(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, K) loss of one output."""
-        target = target.to(logits.dtype)
-        probs = torch.sigmoid(logits.float()).flatten(2)
+        x = logits.float().flatten(2)
         t = target.float().flatten(2)
+        probs = torch.sigmoid(x)
         tp = (probs * t).sum(-1)
-        fp = (probs * (1 - t)).sum(-1)
-        fn = ((1 - probs) * t).sum(-1)
+        fp = (probs.sum(-1) - tp).clamp_min(0)  # from sums: fewer full-size temporaries than FP/FN maps
+        fn = (t.sum(-1) - tp).clamp_min(0)
         if self.adaptive_fp_fn:
             with torch.no_grad():
                 alpha = (fp / (fp + fn).clamp_min(1e-6)).clamp(*self.alpha_range)
             dice = (tp + self.smooth) / (tp + alpha * fp + (1 - alpha) * fn + self.smooth)
         else:
             dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
-        bce = F.binary_cross_entropy_with_logits(logits.float().flatten(2), t, reduction="none").mean(-1)
+        bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(-1)
         return self.weight_dice * (1 - dice) + self.weight_bce * bce
 
     def forward(self, logits: list[torch.Tensor] | torch.Tensor, target: torch.Tensor,
