@@ -11,9 +11,9 @@ from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_ma
 
 @dataclass
 class SupervoxelSettings:
-    slic_segments: tuple[int, ...] = (12, 48, 160)   # supervoxels per foreground, one layer per scale
-    slic_compactness: float = 0.1
-    intensity_classes: tuple[int, ...] = (2, 3, 4)   # k-means classes; each class split into components
+    slic_segments: tuple[int, ...] = (12, 48, 120)   # supervoxels per foreground, one layer per scale
+    slic_compactness: float = 0.03
+    intensity_classes: tuple[int, ...] = (2, 3, 4, 6)  # k-means classes; each class split into components
     bias_sigma_mm: float = 15.0                      # homomorphic bias correction before clustering (0: off)
     half_splits: bool = True                         # classes × halves along each principal axis
     core_depth_mm: float = 10.0                      # classes inside the foreground's core (0: off)

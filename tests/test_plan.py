@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+
+def test_transferred_plans_build_the_target_network(experiment_env):
+    from mass_nnu.adapter.datasets import preprocessed_dir
+    from mass_nnu.adapter.networks import build_network
+    from mass_nnu.adapter.planning import load_plans_file
+
+    plans_id = experiment_env["plans"]
+    target = load_plans_file(712, plans_id)
+    moved = load_plans_file(711, plans_id)
+    assert moved["dataset_name"] == "Dataset711_PhantomPre"
+    assert moved["mass_transfer"]["architecture_from"] == "Dataset712_PhantomSeg"
+    config = "3d_fullres"
+    assert moved["configurations"][config]["patch_size"] == target["configurations"][config]["patch_size"]
+    a = build_network(target, config, 1, 7).state_dict()
+    b = build_network(moved, config, 1, 7).state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    # nnU-Net issue 2560: the transferred dataset has its own dataset.json beside the plans, and is preprocessed
+    meta = json.loads((preprocessed_dir(711) / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "foreground": 1}
+    data_folder = preprocessed_dir(711) / moved["configurations"][config]["data_identifier"]
+    assert len(list(data_folder.glob("*.b2nd"))) >= 4
+
+
+def test_transfer_keeps_own_normalisation(experiment_env, nnunet_env):
+    """An MRI cohort planned with a CT target keeps z-score normalisation and its own intensity statistics."""
+    from mass_nnu.demo_data.phantom import write_phantom_dataset
+    from mass_nnu.planning import transfer_plans
+
+    ct_plans = json.loads(json.dumps(_ct_plans(experiment_env)))
+    folder = write_phantom_dataset(801, "FakeMR", 2, 0, labelled=False)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T1"}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    path = transfer_plans(ct_plans, 801, "nnUNetResEncUNetMPlans", num_processes=1)
+    moved = json.loads(path.read_text())
+    assert ct_plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
+    assert moved["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
+    assert moved["foreground_intensity_properties_per_channel"] != ct_plans["foreground_intensity_properties_per_channel"]
+
+
+def _ct_plans(env):
+    from pathlib import Path
+
+    return json.loads((Path(env["env"]["nnUNet_preprocessed"]) / "Dataset712_PhantomSeg" /
+                       f"{env['plans']}.json").read_text())
+
+
+def test_plan_cli_unknown_dataset(nnunet_env, run_cli):
+    result = run_cli("plan", "-d", "999")
+    assert result.exit_code == 1
+    assert "unknown dataset '999'" in result.stderr and "Traceback" not in result.output
+
+
+def test_plan_cli_prints_table(nnunet_env, run_cli):
+    from mass_nnu.demo_data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(805, "PlanMe", 3, 0, shape=(24, 32, 32))
+    result = run_cli("plan", "-d", "805", "-np", "1", "--no-pp")
+    assert result.exit_code == 0, result.output
+    assert "Dataset805_PlanMe" in result.stdout and "ResidualEncoderUNet" in result.stdout
+    assert "CTNormalization" in result.stdout
