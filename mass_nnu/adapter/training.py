@@ -1,0 +1,149 @@
+"""nnU-Net's training machinery: the trainer base class, trainer construction, splits, resume, prediction and
+evaluation. Imports nnunetv2 at module level: import this module lazily (inside functions)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: F401  (base of nnUNetTrainerMASS)
+
+from mass_nnu.adapter.datasets import dataset_name, preprocessed_dir
+from mass_nnu.errors import MassError
+
+DEFAULT_PLANS = "nnUNetResEncUNetMPlans"
+
+
+def bare_network(network):
+    """The plain nn.Module under torch.compile / DDP wrappers."""
+    network = getattr(network, "module", network)
+    return getattr(network, "_orig_mod", network)
+
+
+def num_input_channels(plans: dict, configuration: str, dataset_json: dict) -> int:
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    return determine_num_input_channels(manager, manager.get_configuration(configuration), dataset_json)
+
+
+def num_segmentation_heads(plans: dict, dataset_json: dict) -> int:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return PlansManager(plans).get_label_manager(dataset_json).num_segmentation_heads
+
+
+def data_identifier(plans: dict, configuration: str) -> str:
+    from mass_nnu.adapter.networks import configuration_manager
+
+    return configuration_manager(plans, configuration).data_identifier
+
+
+def preprocessed_cases(dataset, plans: dict, configuration: str) -> list[str]:
+    """Case identifiers preprocessed for this configuration ([] when not preprocessed yet)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = preprocessed_dir(dataset) / data_identifier(plans, configuration)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []
+    try:
+        return sorted(infer_dataset_class(str(folder)).get_identifiers(str(folder)))
+    except (RuntimeError, AssertionError):
+        return []
+
+
+def fold_cases(dataset, plans: dict, configuration: str, fold) -> tuple[list[str], list[str]]:
+    """(train, val) case identifiers of a fold, exactly as nnU-Net's ``do_split`` chooses them; writes nnU-Net's
+    seeded 5-fold ``splits_final.json`` when it is missing, like the trainer would."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from mass_nnu.io import save_json_atomic
+
+    cases = preprocessed_cases(dataset, plans, configuration)
+    if fold == "all":
+        return cases, cases
+    splits_file = preprocessed_dir(dataset) / "splits_final.json"
+    if not splits_file.is_file():
+        save_json_atomic(generate_crossval_split(cases, seed=12345, n_splits=5), splits_file)
+    import json
+
+    splits = json.loads(splits_file.read_text())
+    if not 0 <= int(fold) < len(splits):
+        raise MassError(f"{splits_file}: has {len(splits)} folds, fold {fold} does not exist (use 0-"
+                        f"{len(splits) - 1} or 'all')")
+    return list(splits[int(fold)]["train"]), list(splits[int(fold)]["val"])
+
+
+def build_trainer(trainer_class, plans: dict, configuration: str, fold, dataset_json: dict, device: str,
+                  continue_training: bool):
+    """Construct a trainer the way ``nnUNetv2_train`` does (plans need the ``continue_training`` key)."""
+    import torch
+
+    plans = {**plans, "continue_training": continue_training}
+    return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                         device=torch.device(device))
+
+
+def resume_if_possible(trainer) -> str | None:
+    """nnU-Net's ``--c`` logic (final, else latest, else best checkpoint). Returns the checkpoint used, if any."""
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        path = Path(trainer.output_folder) / name
+        if path.is_file():
+            trainer.load_checkpoint(str(path))
+            return str(path)
+    return None
+
+
+def final_checkpoint(trainer) -> Path:
+    return Path(trainer.output_folder) / "checkpoint_final.pth"
+
+
+def train_and_validate(trainer, save_probabilities: bool) -> None:
+    """``nnUNetv2_train``'s sequence: run_training (skipped when already finished), then final validation."""
+    if trainer.current_epoch < trainer.num_epochs:
+        trainer.run_training()
+    elif not trainer.was_initialized:
+        trainer.initialize()
+    trainer.perform_actual_validation(save_probabilities)
+
+
+def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: Path, device: str,
+                   mirroring: bool) -> None:
+    """nnU-Net's predictor on every image of ``input_folder`` (sequential: no worker processes)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+    predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), "checkpoint_final.pth")
+    output_folder.mkdir(parents=True, exist_ok=True)
+    predictor.predict_from_files_sequential(str(input_folder), str(output_folder), save_probabilities=False,
+                                            overwrite=True)
+
+
+def evaluate_folder(reference_folder: Path, prediction_folder: Path, plans: dict, dataset_json: dict,
+                    output_file: Path) -> dict:
+    """nnU-Net's ``compute_metrics_on_folder`` with the plans' reader and the dataset's labels/regions."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    label_manager = manager.get_label_manager(dataset_json)
+    return compute_metrics_on_folder(str(reference_folder), str(prediction_folder), str(output_file),
+                                     manager.image_reader_writer_class(), dataset_json["file_ending"],
+                                     label_manager.foreground_regions if label_manager.has_regions
+                                     else label_manager.foreground_labels,
+                                     label_manager.ignore_label, num_processes=default_processes(), chill=True)
+
+
+def default_processes() -> int:
+    from nnunetv2.configuration import default_num_processes
+
+    return int(os.environ.get("nnUNet_def_n_proc", default_num_processes))
+
+
+def results_folder(dataset, trainer_name: str, plans_identifier: str, configuration: str) -> Path:
+    from mass_nnu.adapter.datasets import results_root
+
+    return results_root() / dataset_name(dataset) / f"{trainer_name}__{plans_identifier}__{configuration}"

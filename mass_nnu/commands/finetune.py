@@ -1,0 +1,33 @@
+"""`mass finetune`: nnU-Net training from MASS-pretrained weights (or the from-scratch twin)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def finetune(
+    dataset: str = typer.Option(..., "-d", help="Downstream dataset ID or name (17, 017, Dataset017_BTCV)."),
+    configuration: Optional[str] = typer.Option(None, "-c", help="Configuration (default: the weights', else 3d_fullres)."),
+    fold: str = typer.Option("0", "-f", help="Fold 0-4 or 'all'."),
+    weights: Optional[str] = typer.Option(None, "-w", help="nnunet_pretrained_weights.pth or a MASSPretrainer folder "
+                                                            "(default: the only one under nnUNet_results)."),
+    plans: Optional[str] = typer.Option(None, "-p", help="Plans identifier (default: the weights')."),
+    num_labeled: Optional[int] = typer.Option(None, "--num-labeled", help="Label budget: N training cases."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Label budget: a fraction of the training cases."),
+    scratch: bool = typer.Option(False, "--scratch", help="From-scratch twin: same plans and schedule, no weights."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the trainer's, 1000)."),
+    iterations: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Iterations per epoch (default 250)."),
+    device: str = typer.Option("cpu", "-device", help="cpu, cuda or mps."),
+    continue_training: bool = typer.Option(False, "--c", help="Resume from the latest checkpoint."),
+    npz: bool = typer.Option(False, "--npz", help="Save softmax probabilities at final validation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the label-budget draw."),
+    no_mirroring: bool = typer.Option(False, "--no-mirroring", help="No mirroring in augmentation and inference."),
+    trainer: str = typer.Option("nnUNetTrainerMASS", "-tr", help="Trainer variant (nnUNetTrainerMASS_50epochs, ...)."),
+    num_processes: int = typer.Option(2, "-np", help="Processes for planning and preprocessing."),
+) -> None:
+    """Fine-tune nnU-Net from MASS weights with an optional label budget; evaluate on imagesTs/labelsTs."""
+    from mass_nnu.finetuning.run import finetune_dataset
+
+    finetune_dataset(dataset, configuration, fold, weights, plans, num_labeled, fraction, scratch, epochs,
+                     iterations, device, continue_training, npz, seed, not no_mirroring, trainer, num_processes)

@@ -1,0 +1,242 @@
+"""``nnUNetTrainerMASS``: nnU-Net's trainer that starts from MASS-pretrained weights.
+
+Weights path, first found wins: the instance attribute ``pretrained_weights`` (set before ``initialize()``; the
+string "scratch" disables), the environment variable ``MASS_PRETRAINED_WEIGHTS`` (a file or a pretrained folder;
+"scratch" disables), then ``plans["pretrain_info"]["weights"]`` (written by ``mass finetune``; null = scratch).
+Training options ``plans["mass_finetune"]`` (num_epochs, num_iterations_per_epoch, warmup_epochs,
+frozen_encoder_epochs, mirroring, label_budget) override the class defaults, so ``nnUNetv2_train -p <plans>``
+reproduces a ``mass finetune`` run. Import lazily: this module imports nnunetv2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.optim.lr_scheduler import _LRScheduler
+
+from mass_nnu.adapter.training import bare_network, nnUNetTrainer
+from mass_nnu.errors import MassError
+
+WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
+WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
+SCRATCH = "scratch"
+TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
+           "frozen_encoder_epochs", "mirroring")
+CASTS = {"initial_lr": float, "mirroring": bool}
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """Linear warm-up over ``warmup`` epochs (lr·(e+1)/(warmup+1)), then nnU-Net's poly decay over the rest."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup: int, exponent: float = 0.9):
+        self.initial_lr, self.max_steps, self.warmup, self.exponent = initial_lr, max_steps, warmup, exponent
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.initial_lr * (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.max_steps - self.warmup)
+        return self.initial_lr * max(0.0, 1 - progress) ** self.exponent
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def resolve_weights_path(path: str | os.PathLike) -> Path:
+    """A weights file, or a pretrained folder holding ``nnunet_pretrained_weights.pth``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise MassError(f"{path}: no {WEIGHTS_FILE} in this folder (is it a 'mass pretrain' output folder?)")
+        return path / WEIGHTS_FILE
+    if not path.is_file():
+        raise MassError(f"{path}: pretrained weights not found")
+    return path
+
+
+def is_adaptable_input_projection(target: torch.Size, source: torch.Size, num_input_channels: int) -> bool:
+    """A first-layer conv weight whose only difference is the number of input channels."""
+    return (len(target) == len(source) >= 3 and target[0] == source[0] and target[2:] == source[2:]
+            and target[1] == num_input_channels != source[1])
+
+
+def plan_hint() -> str:
+    return ("plan both datasets together with 'mass plan -d <pretrain IDs> --target-dataset <downstream ID>' and "
+            "pretrain again, or fine-tune with the plans the weights were trained on ('mass finetune -w ...' "
+            "transfers them)")
+
+
+def architecture_mismatch(target: dict, weights: dict, num_input_channels: int) -> str | None:
+    """Why ``weights`` cannot initialise a network with state dict ``target`` (None when they fit). The
+    segmentation head and the input projection's channel count may differ."""
+    missing = [k for k in target if k not in weights and ".seg_layers." not in k]
+    unexpected = [k for k in weights if k not in target and ".seg_layers." not in k]
+    if missing or unexpected:
+        return (f"{len(missing)} tensors of this network missing, e.g. {(missing or ['-'])[0]}; "
+                f"{len(unexpected)} unknown, e.g. {(unexpected or ['-'])[0]}")
+    for key, value in target.items():
+        if ".seg_layers." in key or weights[key].shape == value.shape:
+            continue
+        if not is_adaptable_input_projection(value.shape, weights[key].shape, num_input_channels):
+            return f"{key} has shape {tuple(weights[key].shape)}, this network needs {tuple(value.shape)}"
+    return None
+
+
+def transfer_weights(network, weights: dict, source: str, log, num_input_channels: int) -> dict[str, list[str]]:
+    """Copy every matching tensor of ``weights`` into ``network``; adapt the input projection when the input
+    channel count differs (channel mean, repeated, rescaled to keep the activation scale); skip ``seg_layers``.
+    Any other difference means another architecture: MassError."""
+    target = bare_network(network).state_dict()
+    problem = architecture_mismatch(target, weights, num_input_channels)
+    if problem:
+        raise MassError(f"{source}: weights are for another architecture ({problem}); {plan_hint()}")
+    report = {"transferred": [], "adapted": [], "skipped": []}
+    new_state = {}
+    for key, value in target.items():
+        src = weights.get(key)
+        if src is None or ".seg_layers." in key:
+            report["skipped"].append(key)
+            log(f"MASS weights: skipped {key} (segmentation head, trained from scratch)")
+        elif src.shape == value.shape:
+            new_state[key] = src.to(value.dtype)
+            report["transferred"].append(key)
+            log(f"MASS weights: transferred {key} {tuple(value.shape)}", also_print_to_console=False)
+        else:
+            mean = src.to(value.dtype).mean(dim=1, keepdim=True) * (src.shape[1] / value.shape[1])
+            new_state[key] = mean.expand(-1, value.shape[1], *value.shape[2:]).clone()
+            report["adapted"].append(key)
+            log(f"MASS weights: adapted {key} from {src.shape[1]} to {value.shape[1]} input channels (mean)")
+    bare_network(network).load_state_dict(new_state, strict=False)
+    log(f"MASS weights from {source}: {len(report['transferred'])} tensors transferred, {len(report['adapted'])} "
+        f"adapted, {len(report['skipped'])} skipped")
+    return report
+
+
+class nnUNetTrainerMASS(nnUNetTrainer):
+    """nnU-Net's trainer, initialised from MASS-pretrained weights, with warm-up + poly and an optional
+    frozen-encoder phase. Defaults (docs/finetuning.md): lr 1e-2, warm-up 5 % of the epochs, encoder not frozen,
+    mirroring on."""
+
+    default_num_epochs = 1000
+    default_iterations = 250
+    default_warmup_fraction = 0.05
+    default_frozen_encoder_fraction = 0.0
+    default_mirroring = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.default_num_epochs
+        self.num_iterations_per_epoch = self.default_iterations
+        self.num_val_iterations_per_epoch = min(self.num_val_iterations_per_epoch, max(1, self.default_iterations // 5))
+        self.mirroring = self.default_mirroring
+        self.warmup_epochs = self.frozen_encoder_epochs = None
+        options = self.plans_manager.plans.get("mass_finetune", {})
+        for key in TUNABLE:
+            if options.get(key) is not None:
+                setattr(self, key, CASTS.get(key, int)(options[key]))
+        if self.warmup_epochs is None:
+            self.warmup_epochs = int(round(self.default_warmup_fraction * self.num_epochs))
+        if self.frozen_encoder_epochs is None:
+            self.frozen_encoder_epochs = int(round(self.default_frozen_encoder_fraction * self.num_epochs))
+        self.label_budget = options.get("label_budget")
+        self.pretrained_weights: str | None = None
+        self.weights_report: dict | None = None
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def weights_source(self) -> Path | None:
+        """Attribute, then environment variable, then the plans' pretrain_info; None = from scratch."""
+        for value in (self.pretrained_weights, os.environ.get(WEIGHTS_ENV)):
+            if value:
+                return None if str(value) == SCRATCH else resolve_weights_path(value)
+        recorded = (self.plans_manager.plans.get("pretrain_info") or {}).get("weights")
+        return resolve_weights_path(recorded) if recorded else None
+
+    def load_pretrained(self) -> None:
+        from mass_nnu.io import load_checkpoint
+
+        source = self.weights_source()
+        if source is None:
+            self.print_to_log_file("MASS weights: none (training from scratch, same plans and schedule)")
+            self.weights_report = None
+            return
+        checkpoint = load_checkpoint(source)
+        weights = checkpoint["network_weights"]
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise MassError(f"{source}: 'network_weights' is not a state dict of tensors")
+        self.weights_report = transfer_weights(self.network, weights, str(source), self.print_to_log_file,
+                                               self.num_input_channels)
+
+    def initialize(self):
+        super().initialize()
+        self.load_pretrained()
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+    def encoder_parameters(self):
+        return bare_network(self.network).encoder.parameters()
+
+    def on_train_epoch_start(self):
+        frozen = self.current_epoch < self.frozen_encoder_epochs
+        for p in self.encoder_parameters():
+            p.requires_grad_(not frozen)
+        if self.frozen_encoder_epochs and self.current_epoch in (0, self.frozen_encoder_epochs):
+            self.print_to_log_file(f"MASS: encoder {'frozen' if frozen else 'unfrozen'} at epoch {self.current_epoch}")
+        super().on_train_epoch_start()
+
+    # ---- mirroring -----------------------------------------------------------------------------------------
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.mirroring:
+            mirror_axes = None
+            self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    # ---- label budget --------------------------------------------------------------------------------------
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        if not self.label_budget:
+            return tr_keys, val_keys
+        from mass_nnu.finetuning.budget import select_budget
+        from mass_nnu.io import save_json_atomic
+
+        subset = select_budget(tr_keys, self.label_budget.get("num_labeled"), self.label_budget.get("fraction"),
+                               int(self.label_budget.get("seed", 0)))
+        self.print_to_log_file(f"MASS label budget: {len(subset)} of {len(tr_keys)} training cases "
+                               f"(seed {self.label_budget.get('seed', 0)}): {', '.join(subset)}")
+        save_json_atomic({"fold": self.fold, **self.label_budget, "available": len(tr_keys), "train": subset,
+                          "val": list(val_keys)}, Path(self.output_folder) / "label_budget.json")
+        return subset, val_keys
+
+
+def _variant(name: str, **attributes) -> type:
+    return type(name, (nnUNetTrainerMASS,), {"__doc__": f"nnUNetTrainerMASS with {attributes}", **attributes})
+
+
+nnUNetTrainerMASS_50epochs = _variant("nnUNetTrainerMASS_50epochs", default_num_epochs=50)
+nnUNetTrainerMASS_100epochs = _variant("nnUNetTrainerMASS_100epochs", default_num_epochs=100)
+nnUNetTrainerMASS_250epochs = _variant("nnUNetTrainerMASS_250epochs", default_num_epochs=250)
+nnUNetTrainerMASS_frozenEncoder = _variant("nnUNetTrainerMASS_frozenEncoder", default_frozen_encoder_fraction=0.1)
+nnUNetTrainerMASS_noMirroring = _variant("nnUNetTrainerMASS_noMirroring", default_mirroring=False)
+# tiny runs for tests and smoke checks: one epoch of 2 iterations, no mirroring
+nnUNetTrainerMASS_1epoch = _variant("nnUNetTrainerMASS_1epoch", default_num_epochs=1, default_iterations=2,
+                                    default_mirroring=False)
+nnUNetTrainerMASS_2epochs = _variant("nnUNetTrainerMASS_2epochs", default_num_epochs=2, default_iterations=2,
+                                     default_mirroring=False)
+
+TRAINERS = {cls.__name__: cls for cls in (
+    nnUNetTrainerMASS, nnUNetTrainerMASS_50epochs, nnUNetTrainerMASS_100epochs, nnUNetTrainerMASS_250epochs,
+    nnUNetTrainerMASS_frozenEncoder, nnUNetTrainerMASS_noMirroring, nnUNetTrainerMASS_1epoch,
+    nnUNetTrainerMASS_2epochs)}
