@@ -44,9 +44,10 @@ def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def architecture_fingerprint(state_dict: dict) -> str:
-    """Hash of every (key, shape): equal fingerprints mean the weights load into the same network."""
+    """Hash of every (key, shape) except the segmentation heads (their class count is the task's, not the
+    architecture's): equal fingerprints mean the weights load into the same network."""
     h = hashlib.sha1()
-    for key in sorted(state_dict):
+    for key in sorted(k for k in state_dict if ".seg_layers." not in k):
         h.update(f"{key}:{tuple(state_dict[key].shape)};".encode())
     return h.hexdigest()[:16]
 
