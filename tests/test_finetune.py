@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation and evaluation
 TINY = "nnUNetTrainerMASS_1epoch"
 
 

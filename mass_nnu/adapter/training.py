@@ -54,7 +54,8 @@ def preprocessed_cases(dataset, plans: dict, configuration: str) -> list[str]:
 
 def fold_cases(dataset, plans: dict, configuration: str, fold) -> tuple[list[str], list[str]]:
     """(train, val) case identifiers of a fold, exactly as nnU-Net's ``do_split`` chooses them; writes nnU-Net's
-    seeded 5-fold ``splits_final.json`` when it is missing, like the trainer would."""
+    seeded 5-fold ``splits_final.json`` when it is missing, like the trainer would (with fewer than 5 cases,
+    where nnU-Net would crash: one fold per case)."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     from mass_nnu.io import save_json_atomic
@@ -64,7 +65,10 @@ def fold_cases(dataset, plans: dict, configuration: str, fold) -> tuple[list[str
         return cases, cases
     splits_file = preprocessed_dir(dataset) / "splits_final.json"
     if not splits_file.is_file():
-        save_json_atomic(generate_crossval_split(cases, seed=12345, n_splits=5), splits_file)
+        if len(cases) < 2:
+            raise MassError(f"{preprocessed_dir(dataset)}: {len(cases)} preprocessed case(s); a fold needs at least "
+                            f"2 (or use -f all)")
+        save_json_atomic(generate_crossval_split(cases, seed=12345, n_splits=min(5, len(cases))), splits_file)
     import json
 
     splits = json.loads(splits_file.read_text())
