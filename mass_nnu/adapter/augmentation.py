@@ -1,0 +1,57 @@
+"""batchgeneratorsv2 transforms for the two MASS views. The same sampled parameters apply to the image and to
+all masks of a view (masks travel as the 'segmentation' channels)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def view_transforms(patch_size, strong: bool):
+    """Reference view = weak (affine p 0.5, mild intensity); query view = strong (affine p 0.8 with stronger
+    brightness, gamma, contrast, blur and noise). Rotation ±30°, scaling ±30 % (the paper's settings)."""
+    from batchgeneratorsv2.helpers.scalar_type import RandomScalar  # noqa: F401
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    p_affine = 0.8 if strong else 0.5
+    angle = np.deg2rad(30)
+    transforms = [SpatialTransform(
+        tuple(int(p) for p in patch_size), patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
+        p_rotation=p_affine, rotation=(-angle, angle), p_scaling=p_affine, scaling=(0.7, 1.3),
+        p_synchronize_scaling_across_axes=1, mode_seg="nearest", border_mode_seg="zeros")]
+    s = 1.0 if strong else 0.5  # intensity strength
+    transforms += [
+        RandomTransform(MultiplicativeBrightnessTransform(BGContrast((1 - 0.25 * s, 1 + 0.25 * s)),
+                                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.3 * s + 0.1),
+        RandomTransform(ContrastTransform(BGContrast((1 - 0.25 * s, 1 + 0.25 * s)), preserve_range=True,
+                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.3 * s + 0.1),
+        RandomTransform(GammaTransform(BGContrast((1 - 0.3 * s, 1 + 0.5 * s)), p_invert_image=0,
+                                       synchronize_channels=False, p_per_channel=1, p_retain_stats=1),
+                        apply_probability=0.3 * s),
+    ]
+    if strong:
+        transforms += [
+            RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                                  synchronize_axes=False, p_per_channel=0.5),
+                            apply_probability=0.2),
+            RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1,
+                                                   synchronize_channels=True),
+                            apply_probability=0.2),
+        ]
+    return ComposeTransforms(transforms)
+
+
+def apply_view(transform, image: np.ndarray, masks: np.ndarray):
+    """image (C, *S), masks (K, *S) uint8 -> torch tensors (C, *P), (K, *P) with one spatial draw for both."""
+    import torch
+
+    out = transform(image=torch.from_numpy(np.ascontiguousarray(image)),
+                    segmentation=torch.from_numpy(np.ascontiguousarray(masks.astype(np.int16))))
+    return out["image"].float(), (out["segmentation"] > 0).float()
