@@ -54,25 +54,25 @@ def ensure_labels(dataset) -> int:
 
 def plan_datasets(dataset_ids: Sequence, planner: str = "nnUNetPlannerResEncM",
                   configurations: Iterable[str] = ("3d_fullres",), num_processes: int = 2, target_dataset=None,
-                  preprocess: bool = True, verify: bool = False) -> str:
+                  preprocess: bool = True, verify: bool = False, base_features: int | None = None) -> str:
     """Plan (and preprocess) datasets; with ``target_dataset`` all of them use the target's architecture.
-    Returns the plans identifier."""
+    ``base_features`` shrinks the U-Net's widths (plans '<name>_f<N>'; a CPU preset). Returns the plans identifier."""
     configurations = tuple(configurations)
     names = [dataset_name(d) for d in dataset_ids]
     if planner not in nnunet_planning.PLANNERS:
         raise MassError(f"unknown planner '{planner}'; choose one of {', '.join(nnunet_planning.PLANNERS)}")
     if target_dataset is None:
-        identifier = nnunet_planning.PLANNERS[planner]
+        identifier = nnunet_planning.plans_identifier_for(planner, base_features)
         for name in names:
             ensure_labels(name)
             nnunet_planning.extract_fingerprint(name, num_processes, verify)
-            identifier = nnunet_planning.plan_experiment(name, planner)
+            identifier = nnunet_planning.plan_experiment(name, planner, base_features)
             if preprocess:
                 nnunet_planning.preprocess(name, identifier, configurations, num_processes)
         return identifier
     target = dataset_name(target_dataset)
     nnunet_planning.extract_fingerprint(target, num_processes, verify)
-    identifier = nnunet_planning.plan_experiment(target, planner)
+    identifier = nnunet_planning.plan_experiment(target, planner, base_features)
     target_plans = nnunet_planning.load_plans_file(target, identifier)
     if preprocess:
         nnunet_planning.preprocess(target, identifier, configurations, num_processes)

@@ -16,13 +16,26 @@ PLANNERS = {
 }
 
 
-def planner_class(name: str):
+def planner_class(name: str, base_features: int | None = None):
+    """nnU-Net's planner class; with ``base_features`` a subclass whose U-Net starts with that many features
+    (nnU-Net: 32) and caps at 10× it — the CPU preset of the demo."""
     from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
     from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners
 
     for module in (residual_encoder_unet_planners, default_experiment_planner):
         if hasattr(module, name):
-            return getattr(module, name)
+            base = getattr(module, name)
+            if base_features is None:
+                return base
+
+            class FewerFeatures(base):
+                def __init__(self, *args, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    self.UNet_base_num_features = base_features
+                    self.UNet_max_features_3d = self.UNet_max_features_2d = 10 * base_features
+
+            FewerFeatures.__name__ = f"{name}_f{base_features}"
+            return FewerFeatures
     raise MassError(f"unknown planner '{name}'; choose one of {', '.join(PLANNERS)}")
 
 
@@ -38,7 +51,11 @@ def extract_fingerprint(dataset, num_processes: int, verify: bool = False) -> di
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
-def plan_experiment(dataset, planner: str) -> str:
+def plans_identifier_for(planner: str, base_features: int | None = None) -> str:
+    return PLANNERS[planner] + (f"_f{base_features}" if base_features else "")
+
+
+def plan_experiment(dataset, planner: str, base_features: int | None = None) -> str:
     import os
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
@@ -48,7 +65,9 @@ def plan_experiment(dataset, planner: str) -> str:
     if saved is not None and int(saved) < 1:
         os.environ["nnUNet_n_proc_DA"] = "1"
     try:
-        _, identifier = plan_experiment_dataset(dataset_id(dataset_name(dataset)), planner_class(planner))
+        _, identifier = plan_experiment_dataset(
+            dataset_id(dataset_name(dataset)), planner_class(planner, base_features),
+            overwrite_plans_name=plans_identifier_for(planner, base_features) if base_features else None)
     finally:
         if saved is not None:
             os.environ["nnUNet_n_proc_DA"] = saved

@@ -15,12 +15,14 @@ def plan(
                                                  help="Downstream dataset whose plans decide the architecture."),
     no_preprocess: bool = typer.Option(False, "--no-pp", help="Plan only."),
     verify: bool = typer.Option(False, "--verify_dataset_integrity", help="Run nnU-Net's integrity check first."),
+    base_features: Optional[int] = typer.Option(None, "--base-features", min=4,
+                                                help="U-Net width of the first stage (nnU-Net: 32); smaller = CPU preset, plans '<name>_f<N>'."),
 ) -> None:
     """Fingerprint, plan and preprocess with nnU-Net; pretraining datasets can take a target's architecture."""
     from mass_nnu.planning import plan_datasets, summary_table
 
     identifier = plan_datasets(dataset, planner, configuration, num_processes, target_dataset,
-                               preprocess=not no_preprocess, verify=verify)
+                               preprocess=not no_preprocess, verify=verify, base_features=base_features)
     shown = ([target_dataset] if target_dataset else []) + [d for d in dataset if d != target_dataset]
     typer.echo(f"\nplans '{identifier}', configuration {configuration[0]}:")
     typer.echo(summary_table(shown, identifier, configuration[0]))
