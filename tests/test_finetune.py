@@ -102,25 +102,52 @@ def test_initialize_loads_encoder_and_scratch_twin_differs(weights, experiment_e
     assert trainer.warmup_epochs == 0 and trainer.num_epochs == 1 and trainer.mirroring is False
 
 
-def test_cli_budget_scratch_twin_and_errors(weights, experiment_env, run_cli, tmp_path):
+def interrupt_after_first_epoch(monkeypatch):
+    """Make the next run save checkpoint_latest after epoch 0 and stop (like Ctrl-C) before epoch 1."""
+    from mass_nnu.finetuning import trainer as trainer_module
+
+    cls = trainer_module.nnUNetTrainerMASS
+    original_start, original_epoch = cls.on_train_start, cls.on_train_epoch_start
+
+    def start_saving_every_epoch(self):
+        original_start(self)
+        self.save_every = 1
+
+    def stop_at_epoch_one(self):
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+        original_epoch(self)
+
+    monkeypatch.setattr(cls, "on_train_start", start_saving_every_epoch)
+    monkeypatch.setattr(cls, "on_train_epoch_start", stop_at_epoch_one)
+
+
+def test_cli_budget_resume_scratch_twin_and_errors(weights, experiment_env, run_cli, tmp_path, monkeypatch):
     path, _, _ = weights
-    result = run_cli("finetune", "-d", 712, "-w", path, "--num-labeled", 2, "-tr", TINY, "--no-mirroring")
+    args = ["finetune", "-d", 712, "-w", path, "--num-labeled", 2, "-tr", TINY, "--epochs", 2, "--no-mirroring"]
+    interrupt_after_first_epoch(monkeypatch)
+    assert run_cli(*args).exit_code == 130
+    monkeypatch.undo()
+    result = run_cli(*args, "--c")
     assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "checkpoint_latest.pth" in result.output
+    resumed = result.output.split("resuming from")[-1]
+    assert "Epoch 0" not in resumed and "Epoch 1" in resumed
     assert "Dice (%)" in result.output and "liver" in result.output
     fold = Path(os.environ["nnUNet_results"]) / "Dataset712_PhantomSeg" / \
-        f"{TINY}__{experiment_env['plans']}_mass_n2s0__3d_fullres" / "fold_0"
+        f"{TINY}__{experiment_env['plans']}_mass_n2s0_e2__3d_fullres" / "fold_0"
     summary = json.loads((fold / "mass_finetune_results.json").read_text())
     budget = json.loads((fold / "label_budget.json").read_text())
     splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / "Dataset712_PhantomSeg" / "splits_final.json").read_text())
     assert len(budget["train"]) == 2 and set(budget["train"]) <= set(splits[0]["train"])
     assert budget["val"] == splits[0]["val"] and not set(budget["train"]) & set(splits[0]["val"])
-    assert summary["scratch"] is False and set(summary["dice"]) == {"validation", "test"}
+    assert summary["scratch"] is False and summary["epochs"] == 2 and set(summary["dice"]) == {"validation", "test"}
     assert len(list((fold / "predictions_imagesTs").glob("*.nii.gz"))) == 2
     assert "MASS weights from" in "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
 
     twin = run_cli("finetune", "-d", 712, "-w", path, "--num-labeled", 2, "-tr", TINY, "--no-mirroring", "--scratch")
     assert twin.exit_code == 0, twin.output
-    twin_fold = Path(str(fold).replace("_mass_n2s0", "_scratch_n2s0"))
+    twin_fold = Path(str(fold).replace("_mass_n2s0_e2", "_scratch_n2s0"))
     assert json.loads((twin_fold / "label_budget.json").read_text())["train"] == budget["train"]
     assert "training from scratch" in "".join(p.read_text() for p in twin_fold.glob("training_log_*.txt"))
 
@@ -144,33 +171,6 @@ def test_weights_of_another_architecture_give_one_clear_error(experiment_env, ru
     result = run_cli("finetune", "-d", 712, "-w", tmp_path / "other.pth", "-tr", TINY)
     assert result.exit_code == 1
     assert "another architecture" in result.output and "--target-dataset" in result.output
-
-
-def test_resume_continues_from_latest_checkpoint(weights, experiment_env, run_cli, monkeypatch):
-    from mass_nnu.finetuning import trainer as trainer_module
-
-    path, _, _ = weights
-    args = ["finetune", "-d", 712, "-w", path, "--fraction", 0.5, "-tr", TINY, "--epochs", 2, "--seed", 1]
-    original_start, original_epoch = trainer_module.nnUNetTrainerMASS.on_train_start, \
-        trainer_module.nnUNetTrainerMASS.on_train_epoch_start
-
-    def start_saving_every_epoch(self):
-        original_start(self)
-        self.save_every = 1
-
-    def stop_at_epoch_one(self):
-        if self.current_epoch == 1:
-            raise KeyboardInterrupt
-        original_epoch(self)
-
-    monkeypatch.setattr(trainer_module.nnUNetTrainerMASS, "on_train_start", start_saving_every_epoch)
-    monkeypatch.setattr(trainer_module.nnUNetTrainerMASS, "on_train_epoch_start", stop_at_epoch_one)
-    assert run_cli(*args).exit_code == 130
-    monkeypatch.undo()
-    result = run_cli(*args, "--c")
-    assert result.exit_code == 0, result.output
-    assert "resuming from" in result.output and "checkpoint_latest.pth" in result.output
-    assert "Epoch 0" not in result.output.split("resuming from")[-1] and "Epoch 1" in result.output
 
 
 def test_stock_nnunet_train_and_predict_find_the_trainer(weights, experiment_env, tmp_path):
