@@ -71,7 +71,11 @@ def workspace(tmp_path_factory):
     from mass_nnu.demo_data.writer import write_image
     from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
 
+    import torch
+
     root = tmp_path_factory.mktemp("incontext")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is as fast, and much faster on a busy machine
     with pytest.MonkeyPatch.context() as mp:
         for var, sub in NNUNET_FOLDERS.items():
             mp.setenv(var, str(root / sub))
@@ -86,6 +90,7 @@ def workspace(tmp_path_factory):
         write_image(image, path=root / "odd" / "odd_0000.nii.gz", **odd)
         write_image(label, path=root / "odd_gt" / "odd.nii.gz", dtype=np.uint8, **odd)
         yield {"root": root, "raw": raw, "model": model}
+    torch.set_num_threads(threads)
 
 
 def ref_args(raw, *cases):
