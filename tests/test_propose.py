@@ -44,6 +44,21 @@ def test_deterministic_and_resumable(phantom):
     assert all(np.array_equal(np.load(phantom / "proposalsTr" / k)["layers"], v) for k, v in before.items())
 
 
+def test_out_id_writes_a_new_dataset(phantom, run_cli):
+    from mass_nnu.adapter.datasets import raw_dir
+    from mass_nnu.proposals.run import propose_dataset
+
+    result = run_cli("propose", "-d", "720", "--shard", "0/4", "--out-id", "730")
+    assert result.exit_code == 0, result.output
+    out = raw_dir(730)
+    assert out.name == "Dataset730_PropPh" and not (phantom / "proposalsTr").exists()
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(p.name for p in (phantom / "imagesTr").iterdir())
+    assert len(list((out / "proposalsTr").glob("*.npz"))) == 1
+    # an existing output dataset is reused: the rerun skips the finished case
+    assert propose_dataset(720, shard="0/4", out_id=730)["cases_skipped"] == 1
+    assert run_cli("propose", "-d", "720", "--out-id", "x1").exit_code == 1
+
+
 def test_shards_partition_the_cases():
     from mass_nnu.errors import MassError
     from mass_nnu.proposals.run import parse_shard, shard_cases

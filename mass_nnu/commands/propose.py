@@ -11,7 +11,9 @@ def propose(
     backend: str = typer.Option("supervoxel", "--backend", help="supervoxel (CPU, no weights) or sam2."),
     num_processes: int = typer.Option(1, "-np", min=1, help="Parallel cases (supervoxel backend)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: process every n-th case from i (0-based)."),
-    seed: int = typer.Option(0, "--seed"),
+    out_id: Optional[str] = typer.Option(None, "--out-id", help="Write into this dataset instead (made from -d if "
+                                         "new: dataset.json copied, images hard-linked)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (k-means sampling)."),
     eval_labels: Optional[str] = typer.Option(None, "--eval-labels", help="Label folder: report proposal recall."),
     sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local SAM 2 checkpoint (.pt)."),
     sam2_config: Optional[str] = typer.Option(None, "--sam2-config", help="SAM 2 config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml"),
@@ -20,12 +22,14 @@ def propose(
     """Write proposals to $nnUNet_raw/<Dataset>/proposalsTr/<case>.npz (reruns skip finished cases)."""
     from mass_nnu.proposals.run import evaluate_recall, propose_dataset
 
-    summary = propose_dataset(dataset, backend, shard, seed, sam2_checkpoint, sam2_config, device, num_processes)
-    typer.echo(f"proposals: {summary['cases_done']} cases written, {summary['cases_skipped']} already done, "
+    summary = propose_dataset(dataset, backend, shard, seed, sam2_checkpoint, sam2_config, device, num_processes,
+                              out_id)
+    typer.echo(f"proposals ({summary['dataset']}): {summary['cases_done']} cases written, "
+               f"{summary['cases_skipped']} already done, "
                f"{summary['proposals_per_case']:.0f} proposals/case, {summary['seconds_per_case']:.1f} s/case"
                + (f", {len(summary['cases_empty'])} with zero proposals" if summary["cases_empty"] else ""))
     if eval_labels:
-        report = evaluate_recall(dataset, eval_labels)
+        report = evaluate_recall(summary["dataset"], eval_labels)
         per = ", ".join(f"{k}: {v:.2f}" for k, v in report["per_structure_mean_best_iou"].items())
         typer.echo(f"recall (best IoU ≥ {report['threshold']}): {report['recall']:.2f}; mean best IoU "
                    f"{report['mean_best_iou']:.2f}; per structure: {per}")

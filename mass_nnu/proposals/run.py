@@ -50,6 +50,51 @@ def shard_cases(cases: list[str], shard: tuple[int, int]) -> list[str]:
     return [c for k, c in enumerate(sorted(cases)) if k % n == i]
 
 
+def output_dataset(source, out_id) -> str:
+    """The dataset that receives the proposals. With ``out_id`` unknown so far, a new raw dataset
+    Dataset<out_id>_<source name> is made from the source: dataset.json copied, imagesTr/labelsTr hard-linked
+    (copied across file systems), so the source folder stays untouched and pretraining can use the new one."""
+    import os
+    import shutil
+    import tempfile
+
+    from mass_nnu.adapter.datasets import dataset_name, raw_dir, raw_root
+
+    source = str(dataset_name(source))
+    if out_id is None:
+        return source
+    try:
+        return str(dataset_name(out_id))
+    except MassError:
+        pass
+    digits = str(out_id).removeprefix("Dataset").split("_")[0]
+    if not digits.isdigit() or not 0 < int(digits) < 1000:
+        raise MassError(f"--out-id '{out_id}': expected a dataset ID between 1 and 999")
+    target = raw_root() / f"Dataset{int(digits):03d}_{source.split('_', 1)[1]}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_root()))
+    try:
+        shutil.copyfile(raw_dir(source) / "dataset.json", staging / "dataset.json")
+        for sub in ("imagesTr", "labelsTr"):
+            if (raw_dir(source) / sub).is_dir():
+                shutil.copytree(raw_dir(source) / sub, staging / sub, copy_function=_link_or_copy)
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():  # another shard may have made it at the same time
+            raise MassError(f"{target}: could not create the --out-id dataset") from None
+    return target.name
+
+
+def _link_or_copy(src, dst):
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str):
     """A function (image array, spacing) -> layers."""
     if backend == "supervoxel":
@@ -68,15 +113,16 @@ def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_conf
 
 def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = None, seed: int = 0,
                     sam2_checkpoint: str | None = None, sam2_config: str | None = None, device: str = "cpu",
-                    num_processes: int = 1) -> dict:
-    """Write proposals for every (sharded) case that has none yet. Returns a summary dict."""
-    import SimpleITK as sitk
+                    num_processes: int = 1, out_id=None) -> dict:
+    """Write proposals for every (sharded) case that has none yet, into ``out_id``'s raw folder if given (see
+    ``output_dataset``). Returns a summary dict."""
     from tqdm import tqdm
 
     cases = dataset_images(dataset)
     todo = shard_cases(list(cases), parse_shard(shard))
     run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device)
-    out_dir = proposal_dir(dataset)
+    out_name = output_dataset(dataset, out_id)
+    out_dir = proposal_dir(out_name)
     pending = [(case, cases[case][0], out_dir / f"{case}.npz") for case in todo
                if not (out_dir / f"{case}.npz").is_file()]
     skipped = len(todo) - len(pending)
@@ -100,7 +146,7 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
     finally:
         if pool is not None:
             pool.shutdown()
-    summary = {"dataset": str(dataset), "backend": backend, "cases_done": len(counts), "cases_skipped": skipped,
+    summary = {"dataset": out_name, "backend": backend, "cases_done": len(counts), "cases_skipped": skipped,
                "cases_empty": empty, "proposals_per_case": float(np.mean(list(counts.values()))) if counts else 0.0,
                "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
                "per_case": {c: {"proposals": counts[c], "seconds": round(seconds[c], 2)} for c in counts}}

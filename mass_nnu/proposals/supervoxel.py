@@ -1,5 +1,6 @@
 """Weight-free CPU proposals: 3D SLIC supervoxels at several scales, intensity classes split into connected
-components, and intensity classes split into halves along the foreground's principal axes."""
+components, and the dark / bright sides of each class threshold split into halves along the foreground's principal
+axes (e.g. one hemisphere's grey or white matter)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ class SupervoxelSettings:
     slic_compactness: float = 0.03
     intensity_classes: tuple[int, ...] = (2, 3, 4, 6)  # k-means classes; each class split into components
     bias_sigma_mm: float = 15.0                      # homomorphic bias correction before clustering (0: off)
-    half_splits: bool = True                         # classes × halves along each principal axis
+    half_splits: bool = True                         # class thresholds × halves along each principal axis
     core_depth_mm: float = 10.0                      # classes inside the foreground's core (0: off)
     seed: int = 0
     filters: FilterSettings = field(default_factory=FilterSettings)
@@ -117,6 +118,8 @@ def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSetting
         layers.append(components(classes))
         if s.core_depth_mm > 0:
             layers.append(components(np.where(core, classes, 0).astype(np.uint16)))
-        for side in halves:
-            layers.append(components(np.where(classes > 0, (classes - 1) * 2 + side, 0).astype(np.uint16)))
+        for side in halves:  # each threshold between classes (dark / bright part) × the two halves
+            for level in range(2, k + 1):
+                split = (classes >= level).astype(np.uint16) * 2 + side
+                layers.append(components(np.where(classes > 0, split, 0).astype(np.uint16)))
     return finalize(layers, foreground, spacing, s.filters)
