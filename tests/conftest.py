@@ -53,7 +53,7 @@ def phantom_experiment(tmp_path_factory):
 
     write_phantom_dataset(711, "PhantomPre", 4, 0, shape=(32, 40, 40), seed=1, labelled=False)
     write_phantom_dataset(712, "PhantomSeg", 4, 2, shape=(32, 40, 40), seed=2)
-    plans = plan_datasets([711], target_dataset=712, num_processes=1)
+    plans = plan_datasets([711], target_dataset=712, num_processes=1, base_features=8)
     propose_dataset(711)
     return {"pretrain": 711, "downstream": 712, "plans": plans, "configuration": "3d_fullres",
             "env": {var: os.environ[var] for var in NNUNET_FOLDERS}}

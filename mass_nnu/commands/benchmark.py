@@ -1,0 +1,27 @@
+"""`mass benchmark`: label-efficiency benchmark (Dice vs number of labelled cases, MASS vs scratch)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+
+def benchmark(
+    dataset: str = typer.Option(..., "-d", help="Downstream dataset with imagesTs/labelsTs."),
+    weights: str = typer.Option(..., "-w", help="Pretrained folder or nnunet_pretrained_weights.pth."),
+    budgets: List[str] = typer.Option(["1", "2", "all"], "--budgets", help="Labelled cases per cell; repeat the flag."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Label subsets (and training seeds) per budget."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", min=1),
+    configuration: str = typer.Option("3d_fullres", "-c"),
+    fold: str = typer.Option("0", "-f"),
+    incontext: bool = typer.Option(False, "--incontext", help="Also score in-context segmentation (no training)."),
+    device: str = typer.Option("cpu", "-device"),
+    out: Optional[str] = typer.Option(None, "-o", help="Output folder (default: $nnUNet_results/<Dataset>/mass_benchmark)."),
+) -> None:
+    """Fine-tune MASS and the from-scratch twin per budget and seed; write results.csv/json, a table and a plot."""
+    from mass_nnu.evaluation.label_efficiency import run_benchmark
+
+    table = run_benchmark(dataset, weights, budgets, seeds, epochs, iters_per_epoch, configuration, fold,
+                          incontext, device, out)
+    typer.echo(table)

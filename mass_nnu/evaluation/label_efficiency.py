@@ -1,0 +1,127 @@
+"""`mass benchmark`: Dice against the number of labelled cases, MASS-initialised vs the from-scratch twin.
+
+Every cell (method, budget, seed) fine-tunes with identical plans, schedule and labelled subset and is evaluated
+on the held-out imagesTs/labelsTs with nnU-Net's evaluation. Cells are saved as they finish, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mass_nnu.errors import MassError
+from mass_nnu.io import save_json_atomic
+
+METHODS = ("mass", "scratch")
+
+
+def parse_budgets(budgets: Sequence[str], num_available: int) -> list[tuple[str, int]]:
+    """'1 2 5 all' -> [('1', 1), ('2', 2), ('5', 5), ('all', n)]; budgets above n are refused."""
+    parsed = []
+    for budget in budgets:
+        if budget == "all":
+            parsed.append(("all", num_available))
+            continue
+        if not budget.isdigit() or int(budget) < 1:
+            raise MassError(f"--budgets: '{budget}' is not a positive number of cases or 'all'")
+        if int(budget) > num_available:
+            raise MassError(f"--budgets: {budget} labelled cases asked, but the fold has {num_available} training cases")
+        parsed.append((budget, int(budget)))
+    return parsed
+
+
+def cell_path(out_dir: Path, method: str, budget: str, seed: int) -> Path:
+    return out_dir / "cells" / f"{method}_n{budget}_seed{seed}.json"
+
+
+def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods: Sequence[str],
+              run_one: Callable[[str, int, int], dict]) -> list[dict]:
+    """Run every missing cell with ``run_one(method, num_labeled, seed) -> {mean_dice, per_structure}``."""
+    from tqdm import tqdm
+
+    grid = [(m, b, n, s) for b, n in budgets for s in range(seeds) for m in methods]
+    cells = []
+    for method, budget, num_labeled, seed in tqdm(grid, desc="benchmark cells", unit="cell", disable=None):
+        path = cell_path(out_dir, method, budget, seed)
+        if path.is_file():
+            cells.append(json.loads(path.read_text()))
+            continue
+        start = time.time()
+        result = run_one(method, num_labeled, seed)
+        cell = {"method": method, "budget": budget, "num_labeled": num_labeled, "seed": seed,
+                "mean_dice": float(result["mean_dice"]),
+                "per_structure": {k: float(v) for k, v in result["per_structure"].items()},
+                "seconds": round(time.time() - start, 1)}
+        save_json_atomic(cell, path)
+        cells.append(cell)
+    return cells
+
+
+def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, device, mirroring):
+    from mass_nnu.finetuning.run import finetune_dataset
+
+    def run_one(method: str, num_labeled: int, seed: int) -> dict:
+        results = finetune_dataset(dataset, configuration=configuration, fold=fold, weights=weights,
+                                   num_labeled=num_labeled, scratch=method == "scratch", epochs=epochs,
+                                   iterations_per_epoch=iterations, device=device, seed=seed, mirroring=mirroring)
+        if "test" not in results["dice"]:
+            raise MassError(f"{results['model_folder']}: no test Dice; the benchmark needs imagesTs and labelsTs")
+        table = dict(results["dice"]["test"])
+        mean = table.pop("mean")
+        return {"mean_dice": mean, "per_structure": table}
+
+    return run_one
+
+
+def _incontext_cell(dataset, weights, device, train_cases: list[str], out_dir: Path):
+    """In-context segmentation of imagesTs with the first N of the seed's labelled subset as references."""
+    from mass_nnu.adapter.datasets import load_dataset_json, raw_dir
+    from mass_nnu.finetuning.budget import select_budget
+    from mass_nnu.incontext.common import load_pretrained
+    from mass_nnu.incontext.segment import mean_dice, segment_cases
+
+    folder = Path(weights)
+    pretrained = load_pretrained(folder if folder.is_dir() else folder.parent, device=device)
+    raw = raw_dir(dataset)
+    meta = load_dataset_json(dataset)
+    ending = meta.get("file_ending", ".nii.gz")
+    names = {str(v): k for k, v in meta["labels"].items() if not isinstance(v, list) and v != 0}
+
+    def run_one(method: str, num_labeled: int, seed: int) -> dict:
+        refs = select_budget(train_cases, num_labeled, None, seed)
+        references = [(raw / "imagesTr" / f"{c}_0000{ending}", raw / "labelsTr" / f"{c}{ending}") for c in refs]
+        results = segment_cases(pretrained, references, [raw / "imagesTs"], out_dir / f"n{num_labeled}_seed{seed}",
+                                gt_folder=raw / "labelsTs")
+        per_label = mean_dice(results)
+        per_structure = {names.get(str(k), str(k)): float(v) for k, v in per_label.items() if str(k) != "mean"}
+        return {"mean_dice": float(np.nanmean(list(per_structure.values()))), "per_structure": per_structure}
+
+    return run_one
+
+
+def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: int, iterations: int,
+                  configuration: str = "3d_fullres", fold: str = "0", incontext: bool = False, device: str = "cpu",
+                  out: str | None = None, mirroring: bool = False) -> str:
+    """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
+    from mass_nnu.adapter.datasets import dataset_name, raw_dir, results_root
+    from mass_nnu.evaluation.report import write_report
+    from mass_nnu.finetuning.run import load_weights_file, prepare_plans
+    from mass_nnu.adapter.training import fold_cases
+
+    name = dataset_name(dataset)
+    if not (raw_dir(name) / "labelsTs").is_dir():
+        raise MassError(f"{raw_dir(name)}: no labelsTs; the benchmark evaluates on the held-out imagesTs/labelsTs")
+    weights_path, checkpoint = load_weights_file(weights)
+    plans = prepare_plans(name, checkpoint["plans_identifier"], configuration,
+                          checkpoint["nnssl_adaptation_plan"]["pretrain_plan"], 2)
+    train_cases, _ = fold_cases(name, plans, configuration, fold if fold == "all" else int(fold))
+    out_dir = Path(out) if out else results_root() / name / "mass_benchmark"
+    parsed = parse_budgets(list(budgets), len(train_cases))
+    finetune = _finetune_cell(name, weights_path, configuration, fold, epochs, iterations, device, mirroring)
+    cells = run_cells(out_dir, parsed, seeds, METHODS, finetune)
+    if incontext:
+        run_ic = _incontext_cell(name, weights_path, device, train_cases, out_dir / "incontext")
+        cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic)
+    title = f"{name}: MASS vs scratch ({epochs} epochs × {iterations} iterations, {seeds} seed(s))"
+    return write_report(cells, out_dir, title)
