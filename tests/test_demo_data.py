@@ -1,3 +1,4 @@
+"""Demo data: MNI152 cohorts and the CT-like phantom (determinism, geometry, labels, nnU-Net integrity, CLI)."""
 import json
 
 import numpy as np
@@ -5,81 +6,146 @@ import pytest
 import SimpleITK as sitk
 
 
+def _read(folder, sub):
+    return {p.name: sitk.ReadImage(str(p)) for p in sorted((folder / sub).glob("*.nii.gz"))}
+
+
 def _arrays(folder, sub):
-    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted((folder / sub).glob("*.nii.gz"))}
+    return {name: sitk.GetArrayFromImage(image) for name, image in _read(folder, sub).items()}
 
 
-@pytest.fixture()
-def mni_small(nnunet_env):
-    from mass_nnu.demo_data.mni import write_mni_datasets
+def test_mni_subject_deterministic_and_seed_dependent():
+    from mass_nnu.demo_data.mni import make_subject
 
-    return write_mni_datasets(num_pretrain=2, num_train=2, num_test=1, small=True, seed=3)
-
-
-def test_mni_deterministic_and_seed_dependent(nnunet_env, tmp_path):
-    from mass_nnu.demo_data.mni import load_template, make_subject
-
-    template = load_template()
-    a, la, _ = make_subject(template, seed=11, small=True)
-    b, lb, _ = make_subject(template, seed=11, small=True)
-    c, _, _ = make_subject(template, seed=12, small=True)
-    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    a, la, ba, grid_a = make_subject(seed=11, small=True)
+    b, lb, bb, grid_b = make_subject(seed=11, small=True)
+    c, lc, _, _ = make_subject(seed=12, small=True)
+    assert a.tobytes() == b.tobytes() and la.tobytes() == lb.tobytes() and ba.tobytes() == bb.tobytes()
+    assert grid_a.GetSpacing() == grid_b.GetSpacing()
     assert a.shape != c.shape or not np.allclose(a, c)
+    assert a.dtype == np.float32 and la.dtype == np.uint8 and max(a.shape) <= 64
 
 
-def test_mni_images_and_labels_line_up(mni_small):
-    pretrain, downstream = mni_small
+def test_mni_datasets(nnunet_env):
+    from mass_nnu.adapter.verify import verify_raw_dataset
+    from mass_nnu.demo_data.mni import LABELS, write_mni_datasets
+
+    pretrain, downstream = write_mni_datasets(num_pretrain=2, num_train=2, num_test=1, small=True, seed=3)
     meta = json.loads((downstream / "dataset.json").read_text())
-    assert meta["numTraining"] == 2 and meta["channel_names"] == {"0": "T1"}
+    assert meta["numTraining"] == 2 and meta["channel_names"] == {"0": "T1"} and meta["labels"] == LABELS
     for split in ("Tr", "Ts"):
-        for image_path in sorted((downstream / f"images{split}").glob("*_0000.nii.gz")):
-            label_path = downstream / f"labels{split}" / image_path.name.replace("_0000", "")
-            image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-            assert image.GetSize() == label.GetSize()
+        images, labels = _read(downstream, f"images{split}"), _read(downstream, f"labels{split}")
+        assert [n.replace("_0000", "") for n in images] == list(labels) and len(labels) == (2 if split == "Tr" else 1)
+        for name, image in images.items():
+            label = labels[name.replace("_0000", "")]
+            assert image.GetSize() == label.GetSize() and max(image.GetSize()) <= 64
             assert np.allclose(image.GetSpacing(), label.GetSpacing())
             assert np.allclose(image.GetOrigin(), label.GetOrigin())
-            values = set(np.unique(sitk.GetArrayFromImage(label)).tolist())
-            assert values == set(meta["labels"].values()), "every structure must be present in every case"
-            spacing = image.GetSpacing()[0]
-            assert 3.0 < spacing < 5.0 and max(image.GetSize()) <= 64
-    # left and right hemispheres have comparable white matter volumes
-    label = next(iter(_arrays(downstream, "labelsTr").values()))
-    left, right = (label == 1).sum(), (label == 2).sum()
-    assert 0.6 < left / right < 1.6
+            assert np.allclose(image.GetDirection(), label.GetDirection())
+            assert all(3.0 < s < 5.0 for s in image.GetSpacing())
+            lab, img = sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(image)
+            assert set(np.unique(lab).tolist()) == set(LABELS.values()), "every structure in every case"
+            # labels follow the warped image: T1 brightness WM > GM > ventricles
+            wm, gm, vent = (np.median(img[np.isin(lab, v)]) for v in ((1, 2), (3, 4), (5,)))
+            assert wm > gm > vent, (wm, gm, vent)
+            # the subject's left (LPS +x) holds the left labels: hemisphere centroids on the right side of x = 0
+            zyx = np.argwhere(lab == 1)[::50]
+            x_left = np.mean([label.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]])[0] for p in zyx])
+            zyx = np.argwhere(lab == 2)[::50]
+            x_right = np.mean([label.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]])[0] for p in zyx])
+            assert x_left > 10 and x_right < -10
+            assert 0.7 < (lab == 1).sum() / (lab == 2).sum() < 1.4
     pre_meta = json.loads((pretrain / "dataset.json").read_text())
-    assert pre_meta["labels"] == {"background": 0, "foreground": 1}
-    assert len(list((pretrain / "imagesTr").glob("*.nii.gz"))) == 2
+    assert pre_meta["labels"] == {"background": 0, "foreground": 1} and "labelsTr" in pre_meta["description"]
+    pre_images, pre_labels = _arrays(pretrain, "imagesTr"), _arrays(pretrain, "labelsTr")
+    assert len(pre_images) == 2
+    for name, image in pre_images.items():
+        brain = pre_labels[name.replace("_0000", "")]
+        assert set(np.unique(brain).tolist()) == {0, 1} and 0.15 < brain.mean() < 0.7
+        assert np.median(image[brain == 1]) > 5 * np.median(image[brain == 0])
+    for folder in (pretrain, downstream):
+        verify_raw_dataset(folder)
+
+    # same seed again: byte-identical arrays; the downstream set differs from the pretraining cohort
+    first = _arrays(downstream, "imagesTr")
+    _, again = write_mni_datasets(num_pretrain=2, num_train=2, num_test=1, small=True, seed=3, force=True)
+    assert all(first[k].tobytes() == v.tobytes() for k, v in _arrays(again, "imagesTr").items())
+    assert not any(a.shape == b.shape and np.allclose(a, b) for a in first.values() for b in pre_images.values())
 
 
-def test_phantom_deterministic_and_labelled(nnunet_env):
-    from mass_nnu.demo_data.phantom import write_phantom_dataset
+def test_mni_crash_leaves_no_half_dataset(nnunet_env, monkeypatch):
+    from mass_nnu.adapter.datasets import raw_root
+    from mass_nnu.demo_data import mni
+
+    real, calls = mni.make_subject, []
+
+    def failing(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(**kwargs)
+
+    monkeypatch.setattr(mni, "make_subject", failing)
+    with pytest.raises(RuntimeError):
+        mni.write_mni_datasets(num_pretrain=2, num_train=1, num_test=0, small=True)
+    assert list(raw_root().iterdir()) == []
+
+
+def test_phantom_pair(nnunet_env):
+    import time
+
+    from scipy.ndimage import binary_erosion
+
+    from mass_nnu.adapter.verify import verify_raw_dataset
+    from mass_nnu.demo_data.phantom import ORGANS, make_phantom_case, write_phantom_dataset
+
+    start = time.perf_counter()
+    make_phantom_case((32, 40, 40), seed=9)
+    assert time.perf_counter() - start < 1.0
 
     one = write_phantom_dataset(601, "PhA", 2, 1, seed=5)
     first = _arrays(one, "imagesTr")
     two = write_phantom_dataset(601, "PhA", 2, 1, seed=5, force=True)
-    assert all(np.array_equal(first[k], v) for k, v in _arrays(two, "imagesTr").items())
-    labels = _arrays(two, "labelsTr")
+    assert all(first[k].tobytes() == v.tobytes() for k, v in _arrays(two, "imagesTr").items())
+    other = write_phantom_dataset(602, "PhB", 2, 0, seed=6)
+    assert not any(np.array_equal(a, b) for a, b in zip(first.values(), _arrays(other, "imagesTr").values()))
     meta = json.loads((two / "dataset.json").read_text())
-    for label in labels.values():
-        assert set(np.unique(label)) <= set(meta["labels"].values())
-        assert {1, 2, 3, 4, 5} <= set(np.unique(label).tolist())
-    image = next(iter(first.values()))
-    assert image.min() < -800 and 40 < np.median(image[next(iter(labels.values())) == 1]) < 90
-
-
-def test_verify_dataset_integrity_passes(mni_small, nnunet_env):
-    from mass_nnu.adapter.verify import verify_raw_dataset
-    from mass_nnu.demo_data.phantom import write_phantom_dataset
-
-    for folder in (*mni_small, write_phantom_dataset(603, "PhC", 2, 0, labelled=False)):
+    assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
+    for split in ("Tr", "Ts"):
+        images, labels = _arrays(two, f"images{split}"), _arrays(two, f"labels{split}")
+        for name, image in images.items():
+            label = labels[name.replace("_0000", "")]
+            assert set(np.unique(label).tolist()) == set(meta["labels"].values())
+            assert image.min() < -800 and np.median(image[label == 0]) < -500  # air around the body
+            for value, organ, hu in ORGANS[:5]:  # each organ's core (away from partial volume) at its own HU
+                assert abs(np.median(image[binary_erosion(label == value)]) - hu) < 30, organ
+            lesion, liver = np.median(image[label == 6]), np.median(image[label == 1])
+            assert lesion < liver - 25, "lesions are hypodense"
+            # kidneys sit on their side (array x grows towards LPS +x, the subject's left)
+            assert np.argwhere(label == 2)[:, 2].mean() > np.argwhere(label == 3)[:, 2].mean()
+    unlabelled = write_phantom_dataset(603, "PhC", 2, 0, labelled=False)
+    pre_meta = json.loads((unlabelled / "dataset.json").read_text())
+    assert pre_meta["labels"] == {"background": 0, "foreground": 1} and "body mask" in pre_meta["description"]
+    for folder in (two, unlabelled):
         verify_raw_dataset(folder)
 
 
-def test_cli_writes_and_refuses_to_overwrite(nnunet_env, run_cli):
-    args = ("demo-data", "--small", "--num-pretrain", "1", "--num-train", "1", "--num-test", "1")
-    first = run_cli(*args)
+def test_cli_writes_summarises_and_refuses_to_overwrite(nnunet_env, run_cli):
+    from mass_nnu.adapter.datasets import raw_root
+
+    args = ("demo-data", "--small", "--num-pretrain", "1", "--num-train", "1", "--num-test", "0")
+    (raw_root() / "Dataset502_MNISeg").mkdir(parents=True)
+    refused = run_cli(*args)
+    assert refused.exit_code == 1 and "already exists" in refused.stderr and "Traceback" not in refused.output
+    assert sorted(p.name for p in raw_root().iterdir()) == ["Dataset502_MNISeg"], "nothing written when refusing"
+
+    first = run_cli(*args, "--force", "--phantom")
     assert first.exit_code == 0, first.output
-    assert "Dataset502_MNISeg" in first.stdout
-    second = run_cli(*args)
-    assert second.exit_code == 1
-    assert "already exists" in second.stderr and "Traceback" not in second.output
+    for name in ("Dataset501_MNIPretrain", "Dataset502_MNISeg", "Dataset511_PhantomPretrain", "Dataset512_PhantomSeg"):
+        assert name in first.stdout and (raw_root() / name / "dataset.json").is_file()
+    assert "1 train cases" in first.stdout and "shape (z y x) 32 x 40 x 40" in first.stdout
+
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--force" in again.stderr
+    clash = run_cli(*args, "--pretrain-id", "512", "--phantom", "--force")
+    assert clash.exit_code == 1 and "must all differ" in clash.stderr

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import typer
 
+PHANTOM_IDS = (511, 512)  # unlabelled and labelled CT-like phantom pair written by --phantom
+
 
 def demo_data(
     small: bool = typer.Option(False, "--small", help="Tiny volumes (about 48³) in seconds, for tests and the quick demo."),
@@ -12,7 +14,7 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed; the downstream set uses a different derived seed."),
     pretrain_id: int = typer.Option(501, "--pretrain-id", help="Dataset ID of the unlabelled cohort."),
     downstream_id: int = typer.Option(502, "--downstream-id", help="Dataset ID of the labelled dataset."),
-    phantom: bool = typer.Option(False, "--phantom", help="Also write the CT-like phantom pair (IDs 511 and 512)."),
+    phantom: bool = typer.Option(False, "--phantom", help=f"Also write the CT-like phantom pair (IDs {PHANTOM_IDS[0]} unlabelled, {PHANTOM_IDS[1]} labelled)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing dataset folders."),
 ) -> None:
     """Write the MNI152 demo datasets (nilearn's template, no download) into nnUNet_raw."""
@@ -20,18 +22,24 @@ def demo_data(
 
     from mass_nnu.demo_data.mni import write_mni_datasets
     from mass_nnu.demo_data.phantom import write_phantom_dataset
+    from mass_nnu.demo_data.writer import check_new_dataset, dataset_summary
+    from mass_nnu.errors import MassError
 
-    if pretrain_id == downstream_id:
-        raise typer.BadParameter("--pretrain-id and --downstream-id must differ")
     start = time.time()
+    phantom_jobs = [dict(dataset_id=PHANTOM_IDS[0], name="PhantomPretrain", num_train=num_pretrain, seed=seed,
+                         labelled=False),
+                    dict(dataset_id=PHANTOM_IDS[1], name="PhantomSeg", num_train=num_train, num_test=num_test,
+                         seed=seed + 1)] if phantom else []
+    ids = [pretrain_id, downstream_id] + [job["dataset_id"] for job in phantom_jobs]
+    if len(set(ids)) < len(ids):
+        raise MassError(f"dataset IDs {ids}: must all differ (the phantom pair uses {PHANTOM_IDS})")
+    for job in phantom_jobs:  # refuse before writing anything
+        check_new_dataset(job["dataset_id"], job["name"], force)
     folders = write_mni_datasets(pretrain_id, downstream_id, num_pretrain, num_train, num_test, small, seed, force)
-    if phantom:
-        shape = (32, 40, 40) if small else (96, 128, 128)
-        folders += (write_phantom_dataset(511, "PhantomPretrain", num_pretrain, 0, shape, seed=seed, labelled=False,
-                                          force=force),
-                    write_phantom_dataset(512, "PhantomSeg", num_train, num_test, shape, seed=seed + 1, force=force))
+    shape = (32, 40, 40) if small else (96, 128, 128)
+    folders += tuple(write_phantom_dataset(**job, shape=shape, force=force) for job in phantom_jobs)
     for folder in folders:
-        typer.echo(f"wrote {folder}")
+        typer.echo(dataset_summary(folder))
     typer.echo(f"demo data ready in {time.time() - start:.1f} s")
 
 

@@ -70,8 +70,9 @@ def write_phantom_dataset(dataset_id: int, name: str, num_train: int, num_test: 
                           force: bool = False) -> Path:
     """An nnU-Net raw dataset of CT-like phantoms. Unlabelled cohorts still get a body mask as their only label,
     because nnU-Net's fingerprinting needs a label file per case."""
-    from mass_nnu.demo_data.writer import new_dataset, write_dataset_json, write_image
+    from mass_nnu.demo_data.writer import dataset_folder, new_dataset, write_dataset_json, write_image
 
+    final = dataset_folder(dataset_id, name)
     labels = ({"background": 0, **{n: v for v, n, _ in ORGANS}} if labelled
               else {"background": 0, "foreground": 1})
     with new_dataset(dataset_id, name, force) as folder:
@@ -83,9 +84,8 @@ def write_phantom_dataset(dataset_id: int, name: str, num_train: int, num_test: 
             case = f"{name.lower()}_{split.lower()}{i:03d}"
             write_image(image, spacing, path=folder / f"images{split}" / f"{case}_0000.nii.gz")
             write_image(label, spacing, path=folder / f"labels{split}" / f"{case}.nii.gz", dtype=np.uint8)
-        write_dataset_json(folder, "CT", labels, num_train, name=name,
-                           description="CT-like phantom" + ("" if labelled else
-                                                            "; unlabelled: labelsTr holds only the body mask"))
-    from mass_nnu.demo_data.writer import dataset_folder
-
-    return dataset_folder(dataset_id, name)
+        description = "CT-like multi-organ phantom (mass-nnu)" + (
+            "" if labelled else "; unlabelled pretraining cohort: labelsTr holds only the body mask, because "
+                                "nnU-Net's fingerprinting needs labels")
+        write_dataset_json(folder, "CT", labels, num_train, name=name, description=description)
+    return final

@@ -18,9 +18,8 @@ def dataset_folder(dataset_id: int, name: str) -> Path:
     return raw_root() / f"Dataset{dataset_id:03d}_{name}"
 
 
-@contextmanager
-def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder to fill; it replaces ``DatasetXXX_Name`` only when filling succeeds."""
+def check_new_dataset(dataset_id: int, name: str, force: bool = False) -> Path:
+    """The folder ``DatasetXXX_Name`` to write, or a MassError if the ID is taken or the folder exists."""
     from mass_nnu.adapter.datasets import raw_root
 
     final = dataset_folder(dataset_id, name)
@@ -29,6 +28,13 @@ def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Pat
         raise MassError(f"{clashes[0]}: dataset ID {dataset_id} is taken by another dataset; choose another ID")
     if final.exists() and not force:
         raise MassError(f"{final}: already exists; pass --force to overwrite it")
+    return final
+
+
+@contextmanager
+def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; it replaces ``DatasetXXX_Name`` only when filling succeeds."""
+    final = check_new_dataset(dataset_id, name, force)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,3 +68,25 @@ def write_dataset_json(folder: Path, channel: str, labels: dict[str, int], num_t
             "file_ending": ".nii.gz", "name": name, "description": description,
             "reference": "mass-nnu demo data", "licence": "see docs/demo_data.md"}
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+
+def dataset_summary(folder: Path) -> str:
+    """One line: case counts per split, label count, shape and spacing ranges (from the image headers)."""
+    import SimpleITK as sitk
+
+    meta = json.loads((folder / "dataset.json").read_text())
+    counts, shapes, spacings = [], [], []
+    for split, word in (("Tr", "train"), ("Ts", "test")):
+        images = sorted((folder / f"images{split}").glob(f"*{meta['file_ending']}"))
+        if images:
+            counts.append(f"{len(images)} {word}")
+        for path in images:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shapes.append(reader.GetSize()[::-1])
+            spacings.append(reader.GetSpacing())
+    shapes_lo, shapes_hi = np.min(shapes, 0), np.max(shapes, 0)
+    shape = " x ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(shapes_lo, shapes_hi))
+    return (f"{folder}: {' + '.join(counts)} cases, {len(meta['labels']) - 1} foreground labels, "
+            f"shape (z y x) {shape}, spacing {np.min(spacings):.2f}-{np.max(spacings):.2f} mm")
