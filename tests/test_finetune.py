@@ -17,6 +17,15 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation
 TINY = "nnUNetTrainerMASS_1epoch"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny networks on a busy 2-core machine run faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_weights(plans: dict, path: Path, channels: int = 1, seed: int = 0, configuration: str = "3d_fullres") -> dict:
     """A weights file with the keys 'mass pretrain' exports, from a randomly initialised network of ``plans``."""
     from mass_nnu.adapter.networks import build_network
@@ -178,7 +187,8 @@ def test_stock_nnunet_train_and_predict_find_the_trainer(weights, experiment_env
 
     path, _, _ = weights
     register_trainer_shim()
-    env = {**os.environ, "MASS_PRETRAINED_WEIGHTS": str(path), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
+    env = {**os.environ, "MASS_PRETRAINED_WEIGHTS": str(path), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "OMP_NUM_THREADS": "1"}
     plans = experiment_env["plans"]
     bin_dir = Path(sys.executable).parent
     train = subprocess.run([str(bin_dir / "nnUNetv2_train"), "712", "3d_fullres", "1", "-tr", TINY, "-p", plans,
