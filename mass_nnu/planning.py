@@ -24,7 +24,7 @@ def ensure_labels(dataset) -> int:
     import SimpleITK as sitk
     from skimage.filters import threshold_otsu
 
-    from mass_nnu.io import atomic_path
+    from mass_nnu.io import atomic_path, save_json_atomic
 
     folder = raw_dir(dataset)
     meta = json.loads((folder / "dataset.json").read_text())
@@ -46,7 +46,7 @@ def ensure_labels(dataset) -> int:
     if written:
         if "foreground" not in meta["labels"]:
             meta["labels"] = {"background": 0, "foreground": 1}
-            (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+            save_json_atomic(meta, folder / "dataset.json")
         print(f"mass plan: {dataset_name(dataset)} had {written} images without labels; wrote Otsu foreground masks "
               f"to labelsTr (nnU-Net's fingerprint needs them; they are not used for pretraining)")
     return written
