@@ -56,11 +56,25 @@ def test_plan_cli_unknown_dataset(nnunet_env, run_cli):
     assert "unknown dataset '999'" in result.stderr and "Traceback" not in result.output
 
 
-def test_plan_cli_prints_table(nnunet_env, run_cli):
+def test_plan_cli_several_pretraining_datasets(nnunet_env, run_cli):
+    """Two pretraining datasets (one without labelsTr) take the target's plans; the table shows all three."""
+    import shutil
+
+    from mass_nnu.adapter.networks import build_network
+    from mass_nnu.adapter.planning import load_plans_file
     from mass_nnu.demo_data.phantom import write_phantom_dataset
 
     write_phantom_dataset(805, "PlanMe", 3, 0, shape=(24, 32, 32))
-    result = run_cli("plan", "-d", "805", "-np", "1", "--no-pp")
+    for dataset_id, name in ((806, "PreA"), (807, "PreB")):
+        folder = write_phantom_dataset(dataset_id, name, 2, 0, shape=(24, 28, 32), seed=dataset_id, labelled=False)
+    shutil.rmtree(folder / "labelsTr")
+    result = run_cli("plan", "-d", "806", "-d", "807", "--target-dataset", "805", "-np", "1", "--no-pp")
     assert result.exit_code == 0, result.output
-    assert "Dataset805_PlanMe" in result.stdout and "ResidualEncoderUNet" in result.stdout
-    assert "CTNormalization" in result.stdout
+    assert "wrote Otsu foreground masks" in result.stdout and len(list((folder / "labelsTr").iterdir())) == 2
+    table = result.stdout[result.stdout.index("dataset | spacing"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[1:4]] == ["Dataset805_PlanMe", "Dataset806_PreA", "Dataset807_PreB"]
+    assert all("ResidualEncoderUNet" in row and "CTNormalization" in row for row in table[1:4])
+    target = build_network(load_plans_file(805, "nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
+    for dataset_id in (806, 807):
+        moved = build_network(load_plans_file(dataset_id, "nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
+        assert {k: v.shape for k, v in moved.items()} == {k: v.shape for k, v in target.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mass_nnu.errors import MassError
-from mass_nnu.proposals.store import (FOLDER, count_proposals, image_geometry, proposal_dir, read_proposals,
+from mass_nnu.proposals.store import (count_proposals, image_geometry, proposal_dir, read_proposals,
                                       write_proposals)
 
 BACKENDS = ("supervoxel", "sam2")
