@@ -98,6 +98,7 @@ def test_phantom_pair(nnunet_env):
 
     from mass_nnu.adapter.verify import verify_raw_dataset
     from mass_nnu.demo_data.phantom import ORGANS, make_phantom_case, write_phantom_dataset
+    from mass_nnu.errors import MassError
 
     start = time.perf_counter()
     make_phantom_case((32, 40, 40), seed=9)
@@ -128,6 +129,9 @@ def test_phantom_pair(nnunet_env):
     assert pre_meta["labels"] == {"background": 0, "foreground": 1} and "body mask" in pre_meta["description"]
     for folder in (two, unlabelled):
         verify_raw_dataset(folder)
+    next((unlabelled / "labelsTr").iterdir()).unlink()
+    with pytest.raises(MassError, match="integrity check failed"):
+        verify_raw_dataset(unlabelled)
 
 
 def test_cli_writes_summarises_and_refuses_to_overwrite(nnunet_env, run_cli):

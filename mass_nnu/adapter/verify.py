@@ -11,5 +11,5 @@ def verify_raw_dataset(folder: Path, num_processes: int = 1) -> None:
 
     try:
         verify_dataset_integrity(str(folder), num_processes=num_processes)
-    except (AssertionError, RuntimeError) as e:
+    except (AssertionError, RuntimeError, FileNotFoundError) as e:
         raise MassError(f"{folder}: nnU-Net's integrity check failed: {str(e).strip().splitlines()[0]}") from None
