@@ -25,7 +25,7 @@ def dataset_name(dataset: str | int) -> str:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     try:
-        return maybe_convert_to_dataset_name(str(dataset) if not isinstance(dataset, str) else dataset)
+        return str(maybe_convert_to_dataset_name(str(dataset)))  # nnU-Net may return numpy.str_
     except (RuntimeError, ValueError, AssertionError):
         raise MassError(f"unknown dataset '{dataset}': no Dataset{str(dataset).zfill(3) if str(dataset).isdigit() else dataset}"
                         f"_* folder under nnUNet_raw ({raw_root()}), nnUNet_preprocessed or nnUNet_results") from None
