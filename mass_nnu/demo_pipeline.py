@@ -1,31 +1,89 @@
-"""`mass demo`: demo data → plan → propose → pretrain → finetune (MASS and scratch) → in-context → summary."""
+"""`mass demo`: demo data → plan → propose → pretrain → finetune (MASS and scratch) → in-context → summary.
+
+Each step runs the same `mass` command a user would type, in-process, so the demo is also a walkthrough.
+The default preset fits 15 minutes on 2 CPU cores.
+"""
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 DEMO_PRETRAIN_ID, DEMO_DOWNSTREAM_ID = 501, 502
+BASE_FEATURES = 8  # CPU preset: ResEnc M plans with 8..64 features instead of 32..256
+PLANS, CONFIG = f"nnUNetResEncUNetMPlans_f{BASE_FEATURES}", "3d_fullres"
 
 
-def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu") -> dict:
+def _mass(*args) -> None:
+    """Run one `mass` command in-process; a failing step stops the demo with its own error."""
     import typer
 
-    from mass_nnu.adapter.datasets import raw_root
-    from mass_nnu.demo_data.mni import write_mni_datasets
-    from mass_nnu.workspace import configure_environment
+    from mass_nnu.cli import app
+
+    typer.echo(f"\n$ mass {' '.join(map(str, args))}")
+    try:
+        app([str(a) for a in args], standalone_mode=False)
+    except SystemExit as e:  # typer.Exit inside a command
+        if e.code:
+            raise
+
+
+def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 8,
+             pretrain_iterations: int = 20, finetune_epochs: int = 8, finetune_iterations: int = 20,
+             num_labeled: int = 2) -> dict:
+    import typer
+
+    from mass_nnu.adapter.datasets import raw_root, results_root
+    from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
 
     if workspace:
-        import os
-
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        for var in NNUNET_FOLDERS:
             os.environ.pop(var, None)
-        configure_environment(workspace)
+        configure_environment(Path(workspace))
     timings: dict[str, float] = {}
-    start = time.time()
+
+    def step(name, *args):
+        start = time.time()
+        _mass(*args)
+        timings[name] = timings.get(name, 0.0) + time.time() - start
+
     if not list(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*")):
-        write_mni_datasets(DEMO_PRETRAIN_ID, DEMO_DOWNSTREAM_ID, num_pretrain=20, num_train=10, num_test=5,
-                           small=True, seed=seed)
-    timings["demo data"] = time.time() - start
-    typer.echo("\nmass demo summary")
-    for step, seconds in timings.items():
-        typer.echo(f"  {step:<12} {seconds:7.1f} s")
+        step("demo data", "demo-data", "--small", "--seed", seed)
+    step("plan", "plan", "-d", DEMO_PRETRAIN_ID, "--target-dataset", DEMO_DOWNSTREAM_ID, "-np", 2,
+         "--base-features", BASE_FEATURES)
+    step("propose", "propose", "-d", DEMO_PRETRAIN_ID, "-np", 2)
+    step("pretrain", "pretrain", "-d", DEMO_PRETRAIN_ID, "-p", PLANS, "-c", CONFIG, "--epochs", pretrain_epochs,
+         "--iters-per-epoch", pretrain_iterations, "-device", device, "--seed", seed)
+    pretrained = results_root() / f"Dataset{DEMO_PRETRAIN_ID:03d}_MNIPretrain" / f"MASSPretrainer__{PLANS}__{CONFIG}"
+    for tag, extra in (("finetune MASS", ("-w", pretrained)), ("finetune scratch", ("--scratch",))):
+        step(tag, "finetune", "-d", DEMO_DOWNSTREAM_ID, "-p", PLANS, "-c", CONFIG, "--num-labeled", num_labeled,
+             "--epochs", finetune_epochs, "--iters-per-epoch", finetune_iterations, "-device", device,
+             "--seed", seed, *extra)
+    downstream = next(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*"))
+    reference = sorted((downstream / "imagesTr").glob("*_0000.nii.gz"))[0]
+    out = results_root() / downstream.name / "mass_incontext_demo"
+    step("in-context", "segment", "-m", pretrained, "--ref", reference,
+         "--ref-mask", downstream / "labelsTr" / reference.name.replace("_0000", ""),
+         "-i", downstream / "imagesTs", "-o", out, "--gt", downstream / "labelsTs", "-device", device)
+    typer.echo("\n" + summary(timings, downstream.name, out))
     return timings
+
+
+def summary(timings: dict, downstream: str, incontext_dir: Path) -> str:
+    from mass_nnu.adapter.datasets import results_root
+
+    lines = ["mass demo summary", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += [f"| total | {sum(timings.values()):.0f} |", "", "| method | mean Dice on imagesTs |", "|---|---|"]
+    for path in sorted((results_root() / downstream).glob("*/fold_*/mass_finetune_results.json")):
+        results = json.loads(path.read_text())
+        if "test" in results["dice"]:
+            method = "from scratch" if results["scratch"] else "MASS fine-tuned"
+            lines.append(f"| {method}, {results['num_training_cases']} labelled ({results['plans']}) | "
+                         f"{100 * results['dice']['test']['mean']:.1f} |")
+    incontext = incontext_dir / "summary.json"
+    if incontext.is_file():
+        per_label = [v for v in json.loads(incontext.read_text())["mean_dice"].values() if v == v]
+        lines.append(f"| MASS in-context, 1 reference, no training | {100 * sum(per_label) / len(per_label):.1f} |")
+    return "\n".join(lines)
