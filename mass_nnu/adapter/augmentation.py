@@ -48,10 +48,19 @@ def view_transforms(patch_size, strong: bool):
     return ComposeTransforms(transforms)
 
 
-def apply_view(transform, image: np.ndarray, masks: np.ndarray):
-    """image (C, *S), masks (K, *S) uint8 -> torch tensors (C, *P), (K, *P) with one spatial draw for both."""
+def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
+    """image (C, *S), masks (K, *S) uint8 -> torch tensors (C, *P), (K, *P) with one spatial draw for both.
+    batchgeneratorsv2 draws from numpy's and torch's global generators: ``seed`` drives them here and their
+    previous states come back afterwards, so a sample depends on its seed only (exact resume, any -np)."""
     import torch
 
-    out = transform(image=torch.from_numpy(np.ascontiguousarray(image)),
-                    segmentation=torch.from_numpy(np.ascontiguousarray(masks.astype(np.int16))))
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            out = transform(image=torch.from_numpy(np.ascontiguousarray(image)),
+                            segmentation=torch.from_numpy(np.ascontiguousarray(masks.astype(np.int16))))
+    finally:
+        np.random.set_state(numpy_state)
     return out["image"].float(), (out["segmentation"] > 0).float()

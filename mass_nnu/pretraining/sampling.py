@@ -159,7 +159,7 @@ class TaskSampler:
             masks = np.stack([layers[layer] == label for layer, label in chosen[:, :2]]).astype(np.uint8)
             image_crop = crop(data, center, self.context)
             mask_crop = crop(masks, center, self.context)
-            image, mask = apply_view(transform, image_crop, mask_crop)
+            image, mask = apply_view(transform, image_crop, mask_crop, int(rng.integers(2 ** 31)))
             views.append((image, torch.cat((mask, torch.ones((1, *mask.shape[1:]))))))  # + whole-crop task
         k = views[0][1].shape[0]
         pad = self.settings.max_tasks - k
