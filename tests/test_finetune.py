@@ -109,6 +109,7 @@ def test_initialize_loads_encoder_and_scratch_twin_differs(weights, experiment_e
     assert encoder_equal(networks[str(path)], state)
     assert not encoder_equal(networks[SCRATCH], state)
     assert trainer.warmup_epochs == 0 and trainer.num_epochs == 1 and trainer.mirroring is False
+    assert trainer.num_iterations_per_epoch == 2 and trainer.num_val_iterations_per_epoch == 1
 
 
 def interrupt_after_first_epoch(monkeypatch):

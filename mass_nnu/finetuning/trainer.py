@@ -135,13 +135,15 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.default_num_epochs
         self.num_iterations_per_epoch = self.default_iterations
-        self.num_val_iterations_per_epoch = min(self.num_val_iterations_per_epoch, max(1, self.default_iterations // 5))
+        self.num_val_iterations_per_epoch = None
         self.mirroring = self.default_mirroring
         self.warmup_epochs = self.frozen_encoder_epochs = None
         options = self.plans_manager.plans.get("mass_finetune", {})
         for key in TUNABLE:
             if options.get(key) is not None:
                 setattr(self, key, CASTS.get(key, int)(options[key]))
+        if self.num_val_iterations_per_epoch is None:  # nnU-Net's 50 per 250 training iterations
+            self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 5)
         if self.warmup_epochs is None:
             self.warmup_epochs = int(round(self.default_warmup_fraction * self.num_epochs))
         if self.frozen_encoder_epochs is None:
