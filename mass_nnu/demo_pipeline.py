@@ -29,9 +29,16 @@ def _mass(*args) -> None:
             raise
 
 
-def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 8,
-             pretrain_iterations: int = 20, finetune_epochs: int = 8, finetune_iterations: int = 20,
-             num_labeled: int = 2) -> dict:
+PRESETS = {
+    "default": dict(pretrain_epochs=6, pretrain_iterations=15, finetune_epochs=6, finetune_iterations=15),
+    "quick": dict(pretrain_epochs=1, pretrain_iterations=2, finetune_epochs=1, finetune_iterations=2,
+                  num_pretrain=4, num_train=3, num_test=1),
+}
+
+
+def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 6,
+             pretrain_iterations: int = 15, finetune_epochs: int = 6, finetune_iterations: int = 15,
+             num_labeled: int = 2, num_pretrain: int = 20, num_train: int = 10, num_test: int = 5) -> dict:
     import typer
 
     from mass_nnu.adapter.datasets import raw_root, results_root
@@ -49,7 +56,8 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
         timings[name] = timings.get(name, 0.0) + time.time() - start
 
     if not list(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*")):
-        step("demo data", "demo-data", "--small", "--seed", seed)
+        step("demo data", "demo-data", "--small", "--seed", seed, "--num-pretrain", num_pretrain,
+             "--num-train", num_train, "--num-test", num_test)
     step("plan", "plan", "-d", DEMO_PRETRAIN_ID, "--target-dataset", DEMO_DOWNSTREAM_ID, "-np", 2,
          "--base-features", BASE_FEATURES)
     step("propose", "propose", "-d", DEMO_PRETRAIN_ID, "-np", 2)

@@ -96,7 +96,8 @@ def test_forward_shapes(plans, mode, k):
         tokens = model.encode_task(image, masks)
         outputs = model.segment(image, tokens)
         full_only = model.segment(image, tokens, deep_supervision=False)
-    assert [tuple(t.shape) for t in tokens.scales] == [(2, k, 11, 32), (2, k, 11, 32), (2, k, 11, 16)]
+    # 4 stages: tokens at the two deepest scales only (never at full or half resolution)
+    assert [tuple(t.shape) for t in tokens.scales] == [(2, k, 11, 32), (2, k, 11, 32)]
     # 4 stages -> 3 decoder outputs in nnU-Net; the lowest (weight 0 there) is not produced
     assert [tuple(o.shape) for o in outputs] == [(2, k, 32, 32, 32), (2, k, 16, 16, 16)]
     assert len(full_only) == 1 and torch.allclose(full_only[0], outputs[0], atol=1e-5)

@@ -47,8 +47,9 @@ def demo(
     workspace: str = typer.Option(None, "--workspace", help="Use this folder for the nnU-Net folders (default: as set, else ./mass_workspace)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "-device", help="cpu or cuda"),
+    quick: bool = typer.Option(False, "--quick", help="A smoke run of every stage (a few iterations each)."),
 ) -> None:
     """Run the whole pipeline on the small MNI demo data and print a summary (≤ 15 min on 2 CPU cores)."""
-    from mass_nnu.demo_pipeline import run_demo
+    from mass_nnu.demo_pipeline import PRESETS, run_demo
 
-    run_demo(workspace=workspace, seed=seed, device=device)
+    run_demo(workspace=workspace, seed=seed, device=device, **PRESETS["quick" if quick else "default"])

@@ -247,7 +247,8 @@ class MASSModel(nn.Module):
         n_stages = len(parts.output_channels)
         if n_stages < 2:
             raise MassError("network: MASS needs a U-Net with at least 2 stages")
-        self.num_token_scales = min(num_token_scales, n_stages - 1)
+        # never at full or half resolution: T×N attention there costs more than the backbone (shallow plans)
+        self.num_token_scales = max(1, min(num_token_scales, n_stages - 2))
         self.decoder_mode = decoder_mode
         self.deep_supervision = deep_supervision
         self._config = dict(num_token_scales=num_token_scales, num_learned_tokens=num_learned_tokens,
