@@ -30,7 +30,7 @@ def _mass(*args) -> None:
 
 
 PRESETS = {
-    "default": dict(pretrain_epochs=6, pretrain_iterations=15, finetune_epochs=6, finetune_iterations=15),
+    "default": dict(pretrain_epochs=5, pretrain_iterations=12, finetune_epochs=4, finetune_iterations=10),
     "quick": dict(pretrain_epochs=1, pretrain_iterations=2, finetune_epochs=1, finetune_iterations=2,
                   num_pretrain=4, num_train=3, num_test=1),
 }
@@ -48,6 +48,7 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
         for var in NNUNET_FOLDERS:
             os.environ.pop(var, None)
         configure_environment(Path(workspace))
+    os.environ.setdefault("nnUNet_n_proc_DA", str(os.cpu_count() or 2))  # nnU-Net's default (12) oversubscribes
     timings: dict[str, float] = {}
 
     def step(name, *args):
