@@ -75,13 +75,7 @@ def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 
 
 for _name, _module, _func in COMMANDS:
-    try:
-        _command = getattr(importlib.import_module(f"mass_nnu.commands.{_module}"), _func)
-    except ModuleNotFoundError as e:  # a stage not built yet
-        if e.name != f"mass_nnu.commands.{_module}":
-            raise
-        continue
-    app.command(_name)(user_errors(_command))
+    app.command(_name)(user_errors(getattr(importlib.import_module(f"mass_nnu.commands.{_module}"), _func)))
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ class MASSPretrainer:
             raise MassError("-device cuda: no CUDA device is available")
         if device not in ("cpu", "cuda"):
             raise MassError(f"-device '{device}': use cpu or cuda")
-        self.names = [str(dataset_name(d)) for d in datasets]  # nnU-Net returns numpy.str_ (not weights_only-safe)
+        self.names = [dataset_name(d) for d in datasets]
         self.settings, self.configuration = settings, configuration
         self.plans = load_plans_file(self.names[0], plans_identifier)
         self.dataset_json = load_dataset_json(self.names[0])
