@@ -53,6 +53,12 @@ def architecture_fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def backbone_weights(state_dict: dict) -> dict:
+    """The nnU-Net network's part of a state dict (a full MASS model keeps it under ``backbone.``)."""
+    backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    return backbone or state_dict
+
+
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` atomically. The dict must hold only tensors and plain Python values."""
     import torch
@@ -62,25 +68,57 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str | None = None,
-                    weights_key: str = "network_weights") -> dict:
-    """Load with ``weights_only=True`` on the CPU. Refuses pickled objects, truncated files and other architectures."""
+def _safe_torch_load(path: Path, numpy_scalars: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU with one clear error per failure. ``numpy_scalars`` allows the
+    numpy scalars nnU-Net's own checkpoints log (rebuilt from dtype and bytes; no code runs)."""
+    import numpy as np
     import torch
 
-    path = Path(path)
     if not path.is_file():
         raise MassError(f"{path}: checkpoint not found")
+    allowed = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in "?bhilqBHILQefdg"}] \
+        if numpy_scalars else []
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise MassError(f"{path}: refused, the checkpoint needs pickle code execution ({first[:160]})") from None
+        unsafe = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        raise MassError(f"{path}: refused, the checkpoint needs pickle code execution "
+                        f"({(unsafe or [first])[0].strip()[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise MassError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_nnunet_checkpoint(path: str | os.PathLike) -> dict:
+    """An nnU-Net trainer checkpoint (checkpoint_latest/final.pth), loaded with ``weights_only=True``."""
+    path = Path(path)
+    checkpoint = _safe_torch_load(path, numpy_scalars=True)
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise MassError(f"{path}: not an nnU-Net checkpoint (no 'network_weights' entry)")
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str | None = None,
+                    weights_key: str = "network_weights") -> dict:
+    """Load with ``weights_only=True`` on the CPU. Refuses pickled objects, truncated files and other
+    architectures; warns when another mass-nnu version wrote the file."""
+    path = Path(path)
+    checkpoint = _safe_torch_load(path)
     if not isinstance(checkpoint, dict) or weights_key not in checkpoint:
         raise MassError(f"{path}: not a mass-nnu checkpoint (no '{weights_key}' entry)")
+    written_by = checkpoint.get("mass_nnu_version")
+    if written_by is not None and written_by != __version__:
+        import warnings
+
+        warnings.warn(f"{path}: written by mass-nnu {written_by}, this is {__version__}", stacklevel=2)
+    found = checkpoint.get("architecture_fingerprint")
+    if found is not None and isinstance(checkpoint[weights_key], dict) and \
+            found != architecture_fingerprint(backbone_weights(checkpoint[weights_key])):
+        raise MassError(f"{path}: its recorded architecture fingerprint {found} does not match its weights "
+                        f"(edited or corrupt file)")
     if expected_fingerprint is not None:
-        found = checkpoint.get("architecture_fingerprint") or architecture_fingerprint(checkpoint[weights_key])
+        found = found or architecture_fingerprint(checkpoint[weights_key])
         if found != expected_fingerprint:
             raise MassError(f"{path}: weights are for another architecture (fingerprint {found}, this network "
                             f"needs {expected_fingerprint}); plan both datasets together with "

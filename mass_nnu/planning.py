@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 from mass_nnu.adapter import planning as nnunet_planning
 from mass_nnu.adapter.datasets import dataset_name, raw_dir
+from mass_nnu.dataset_checks import check_raw_dataset
 from mass_nnu.errors import MassError
 
 
@@ -61,6 +62,8 @@ def plan_datasets(dataset_ids: Sequence, planner: str = "nnUNetPlannerResEncM",
     names = [dataset_name(d) for d in dataset_ids]
     if planner not in nnunet_planning.PLANNERS:
         raise MassError(f"unknown planner '{planner}'; choose one of {', '.join(nnunet_planning.PLANNERS)}")
+    for name in dict.fromkeys(names + ([dataset_name(target_dataset)] if target_dataset is not None else [])):
+        check_raw_dataset(raw_dir(name))
     if target_dataset is None:
         identifier = nnunet_planning.plans_identifier_for(planner, base_features)
         for name in names:
@@ -79,18 +82,20 @@ def plan_datasets(dataset_ids: Sequence, planner: str = "nnUNetPlannerResEncM",
     for name in names:
         if name == target:
             continue
-        transfer_plans(target_plans, name, identifier, num_processes=num_processes, verify=verify)
+        transfer_plans(target_plans, name, identifier, num_processes=num_processes, verify=verify, checked=True)
         if preprocess:
             nnunet_planning.preprocess(name, identifier, configurations, num_processes)
     return identifier
 
 
 def transfer_plans(plans: dict, dataset, plans_identifier: str, num_processes: int = 2,
-                   verify: bool = False) -> Path:
+                   verify: bool = False, checked: bool = False) -> Path:
     """Write ``plans`` into ``dataset`` so the same architecture is built there, with the dataset's own
     normalisation (its fingerprint is extracted if needed)."""
     from mass_nnu.adapter.datasets import preprocessed_dir
 
+    if not checked and not (preprocessed_dir(dataset) / "dataset_fingerprint.json").is_file():
+        check_raw_dataset(raw_dir(dataset))
     ensure_labels(dataset)
     if not (preprocessed_dir(dataset) / "dataset_fingerprint.json").is_file():
         nnunet_planning.extract_fingerprint(dataset, num_processes, verify)

@@ -3,6 +3,7 @@ evaluation. Imports nnunetv2 at module level: import this module lazily (inside 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: F401  (base of nnUNetTrainerMASS)
@@ -88,6 +89,20 @@ def build_trainer(trainer_class, plans: dict, configuration: str, fold, dataset_
                          device=torch.device(device))
 
 
+@contextmanager
+def reading_preloaded_checkpoint(checkpoint: dict):
+    """Make nnU-Net's ``load_checkpoint(filename)`` use a checkpoint we already read with ``weights_only=True``:
+    nnU-Net 2.8 reads files with ``weights_only=False`` and its dict branch fails ('checkpoint' unbound)."""
+    import torch
+
+    original = torch.load
+    torch.load = lambda *args, **kwargs: checkpoint
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def resume_if_possible(trainer) -> str | None:
     """nnU-Net's ``--c`` logic (final, else latest, else best checkpoint). Returns the checkpoint used, if any."""
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
@@ -117,6 +132,9 @@ def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from mass_nnu.io import load_nnunet_checkpoint
+
+    load_nnunet_checkpoint(model_folder / f"fold_{fold}" / "checkpoint_final.pth")  # refuse pickles first
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=device != "cpu", device=torch.device(device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=True)

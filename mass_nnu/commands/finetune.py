@@ -25,9 +25,12 @@ def finetune(
     no_mirroring: bool = typer.Option(False, "--no-mirroring", help="No mirroring in augmentation and inference."),
     trainer: str = typer.Option("nnUNetTrainerMASS", "-tr", help="Trainer variant (nnUNetTrainerMASS_50epochs, ...)."),
     num_processes: int = typer.Option(2, "-np", help="Processes for planning and preprocessing."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the plans' batch size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (default: the trainer's, 1e-2)."),
 ) -> None:
     """Fine-tune nnU-Net from MASS weights with an optional label budget; evaluate on imagesTs/labelsTs."""
     from mass_nnu.finetuning.run import finetune_dataset
 
     finetune_dataset(dataset, configuration, fold, weights, plans, num_labeled, fraction, scratch, epochs,
-                     iterations, device, continue_training, npz, seed, not no_mirroring, trainer, num_processes)
+                     iterations, device, continue_training, npz, seed, not no_mirroring, trainer, num_processes,
+                     batch_size, lr)

@@ -58,13 +58,15 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
     return cells
 
 
-def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, device, mirroring):
+def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, device, mirroring, batch_size,
+                   learning_rate):
     from mass_nnu.finetuning.run import finetune_dataset
 
     def run_one(method: str, num_labeled: int, seed: int) -> dict:
         results = finetune_dataset(dataset, configuration=configuration, fold=fold, weights=weights,
                                    num_labeled=num_labeled, scratch=method == "scratch", epochs=epochs,
-                                   iterations_per_epoch=iterations, device=device, seed=seed, mirroring=mirroring)
+                                   iterations_per_epoch=iterations, device=device, seed=seed, mirroring=mirroring,
+                                   batch_size=batch_size, learning_rate=learning_rate)
         if "test" not in results["dice"]:
             raise MassError(f"{results['model_folder']}: no test Dice; the benchmark needs imagesTs and labelsTs")
         table = dict(results["dice"]["test"])
@@ -76,6 +78,8 @@ def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, de
 
 def _incontext_cell(dataset, weights, device, train_cases: list[str], out_dir: Path):
     """In-context segmentation of imagesTs with the first N of the seed's labelled subset as references."""
+    import numpy as np
+
     from mass_nnu.adapter.datasets import load_dataset_json, raw_dir
     from mass_nnu.finetuning.budget import select_budget
     from mass_nnu.incontext.common import load_pretrained
@@ -102,7 +106,8 @@ def _incontext_cell(dataset, weights, device, train_cases: list[str], out_dir: P
 
 def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: int, iterations: int,
                   configuration: str = "3d_fullres", fold: str = "0", incontext: bool = False, device: str = "cpu",
-                  out: str | None = None, mirroring: bool = False) -> str:
+                  out: str | None = None, mirroring: bool = False, batch_size: int | None = None,
+                  learning_rate: float | None = None) -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
     from mass_nnu.adapter.datasets import dataset_name, raw_dir, results_root
     from mass_nnu.evaluation.report import write_report
@@ -118,7 +123,8 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
     train_cases, _ = fold_cases(name, plans, configuration, fold if fold == "all" else int(fold))
     out_dir = Path(out) if out else results_root() / name / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
-    finetune = _finetune_cell(name, weights_path, configuration, fold, epochs, iterations, device, mirroring)
+    finetune = _finetune_cell(name, weights_path, configuration, fold, epochs, iterations, device, mirroring,
+                              batch_size, learning_rate)
     cells = run_cells(out_dir, parsed, seeds, METHODS, finetune)
     if incontext:
         run_ic = _incontext_cell(name, weights_path, device, train_cases, out_dir / "incontext")

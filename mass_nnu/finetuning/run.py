@@ -118,7 +118,8 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                      fraction: float | None = None, scratch: bool = False, epochs: int | None = None,
                      iterations_per_epoch: int | None = None, device: str = "cpu", continue_training: bool = False,
                      save_npz: bool = False, seed: int = 0, mirroring: bool = True,
-                     trainer_name: str = "nnUNetTrainerMASS", num_processes: int = 2) -> dict:
+                     trainer_name: str = "nnUNetTrainerMASS", num_processes: int = 2, batch_size: int | None = None,
+                     learning_rate: float | None = None) -> dict:
     """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
     ``<fold folder>/mass_finetune_results.json``."""
     from mass_nnu.adapter import training
@@ -164,10 +165,14 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
               f"(seed {seed}): {', '.join(subset)}; {len(val_cases)} validation cases untouched")
     tag = "_".join(t for t in ["scratch" if load_weights is None else "mass", budget_tag(num_labeled, fraction, seed),
                                f"e{epochs}" if epochs else "", f"i{iterations_per_epoch}" if iterations_per_epoch
-                               else ""] if t)
-    options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring}
+                               else "", f"b{batch_size}" if batch_size else "",
+                               f"lr{learning_rate:g}" if learning_rate else ""] if t)
+    options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring,
+               "initial_lr": learning_rate}
     run_plans = derived_plans(plans, load_weights, checkpoint.get("architecture_fingerprint") if checkpoint else None,
                               budget, options, tag)
+    if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes
+        run_plans["configurations"][configuration]["batch_size"] = int(batch_size)
     save_json_atomic(run_plans, preprocessed_dir(name) / f"{run_plans['plans_name']}.json")
 
     trainer = training.build_trainer(TRAINERS[trainer_name], run_plans, configuration, fold, dataset_json, device,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
-from mass_nnu.adapter.training import bare_network, nnUNetTrainer
+from mass_nnu.adapter.training import bare_network, nnUNetTrainer, reading_preloaded_checkpoint
 from mass_nnu.errors import MassError
 
 WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
@@ -148,6 +148,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
             self.warmup_epochs = int(round(self.default_warmup_fraction * self.num_epochs))
         if self.frozen_encoder_epochs is None:
             self.frozen_encoder_epochs = int(round(self.default_frozen_encoder_fraction * self.num_epochs))
+        self.save_every = max(1, min(self.save_every, self.num_epochs // 10))  # short runs stay resumable
         self.label_budget = options.get("label_budget")
         self.pretrained_weights: str | None = None
         self.weights_report: dict | None = None
@@ -179,6 +180,24 @@ class nnUNetTrainerMASS(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         self.load_pretrained()
+
+    # ---- checkpoints: written atomically, read with weights_only=True ------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return super().save_checkpoint(filename)
+        from mass_nnu.io import atomic_path
+
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        from mass_nnu.io import load_nnunet_checkpoint
+
+        if isinstance(filename_or_checkpoint, dict):
+            return super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = load_nnunet_checkpoint(filename_or_checkpoint)
+        with reading_preloaded_checkpoint(checkpoint):
+            super().load_checkpoint(str(filename_or_checkpoint))
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def configure_optimizers(self):
