@@ -7,8 +7,10 @@ nnU-Net's own integrity check (``--verify_dataset_integrity``) prints such probl
 """
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,23 @@ GEOMETRY_TOLERANCE = 1e-3  # relative for spacing, absolute (mm) for origin, abs
 
 
 def read_image(path: Path):
+    """SimpleITK's image, after checking the file is complete (ITK fills a truncated .nii.gz with zeros)."""
     import SimpleITK as sitk
 
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
+        image = sitk.ReadImage(str(path))
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        elif path.name.endswith(".nii"):
+            pixel_bytes = sitk.GetArrayViewFromImage(image).dtype.itemsize * image.GetNumberOfComponentsPerPixel()
+            if path.stat().st_size < int(np.prod(image.GetSize())) * pixel_bytes:
+                raise EOFError("file shorter than its header says")
+    except (RuntimeError, EOFError, OSError, zlib.error) as e:
         detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else "unreadable"
         raise MassError(f"{path}: not a readable image, corrupt or truncated ({detail})") from None
+    return image
 
 
 def read_dataset_json(folder: Path) -> dict:
@@ -55,9 +67,14 @@ def check_image(path: Path, image=None) -> np.ndarray:
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         raise MassError(f"{path}: image is 2D (size {list(image.GetSize())}); mass-nnu needs 3D volumes")
     array = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(array)
+    stored = array
+    if path.name.endswith((".nii", ".nii.gz")):  # ITK's NIfTI reader turns NaN into 0; read the stored values
+        import nibabel
+
+        stored = np.asanyarray(nibabel.load(str(path)).dataobj)
+    finite = np.isfinite(stored)
     if not finite.all():
-        bad = int(array.size - finite.sum())
+        bad = int(stored.size - finite.sum())
         raise MassError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or replace them before planning")
     if array.min() == array.max():
         raise MassError(f"{path}: constant image (every voxel is {array.flat[0]}); nothing to learn from")

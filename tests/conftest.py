@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,45 @@ def experiment_env(phantom_experiment, monkeypatch):
     for var, value in phantom_experiment["env"].items():
         monkeypatch.setenv(var, value)
     return phantom_experiment
+
+
+@pytest.fixture()
+def private_copy(experiment_env, tmp_path, monkeypatch):
+    """A private copy of the pretraining dataset (raw + preprocessed) that a test may damage."""
+    from mass_nnu.adapter.datasets import dataset_name
+
+    name = dataset_name(experiment_env["pretrain"])
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        src = experiment_env["env"][var]
+        dst = tmp_path / var
+        shutil.copytree(f"{src}/{name}", dst / name)
+        monkeypatch.setenv(var, str(dst))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    return {"name": name, "raw": tmp_path / "nnUNet_raw" / name, "pre": tmp_path / "nnUNet_preprocessed" / name,
+            **experiment_env}
+
+
+def write_weights(plans: dict, path: Path, channels: int = 1, seed: int = 0, configuration: str = "3d_fullres") -> dict:
+    """A weights file with the keys 'mass pretrain' exports, from a randomly initialised network of ``plans``."""
+    import torch
+
+    from mass_nnu.adapter.networks import build_network
+    from mass_nnu.io import architecture_fingerprint, save_checkpoint
+
+    torch.manual_seed(seed)
+    state = {k: v.detach().cpu().clone() for k, v in build_network(plans, configuration, channels, 1).state_dict().items()}
+    save_checkpoint({"network_weights": state,
+                     "nnssl_adaptation_plan": {"pretrain_plan": plans, "architecture_plans": {},
+                                               "pretrain_num_input_channels": channels, "key_to_lpe": None},
+                     "citations": [], "architecture_fingerprint": architecture_fingerprint(state),
+                     "plans_identifier": plans["plans_name"], "configuration": configuration}, path)
+    return state
+
+
+@pytest.fixture()
+def weights(experiment_env, tmp_path):
+    from mass_nnu.adapter.datasets import load_plans
+
+    plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
+    path = tmp_path / "nnunet_pretrained_weights.pth"
+    return path, write_weights(plans, path), plans

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_weights
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation and evaluation
 TINY = "nnUNetTrainerMASS_1epoch"
@@ -24,30 +25,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_weights(plans: dict, path: Path, channels: int = 1, seed: int = 0, configuration: str = "3d_fullres") -> dict:
-    """A weights file with the keys 'mass pretrain' exports, from a randomly initialised network of ``plans``."""
-    from mass_nnu.adapter.networks import build_network
-    from mass_nnu.io import architecture_fingerprint, save_checkpoint
-
-    torch.manual_seed(seed)
-    state = {k: v.detach().cpu().clone() for k, v in build_network(plans, configuration, channels, 1).state_dict().items()}
-    save_checkpoint({"network_weights": state,
-                     "nnssl_adaptation_plan": {"pretrain_plan": plans, "architecture_plans": {},
-                                               "pretrain_num_input_channels": channels, "key_to_lpe": None},
-                     "citations": [], "architecture_fingerprint": architecture_fingerprint(state),
-                     "plans_identifier": plans["plans_name"], "configuration": configuration}, path)
-    return state
-
-
-@pytest.fixture()
-def weights(experiment_env, tmp_path):
-    from mass_nnu.adapter.datasets import load_plans
-
-    plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
-    path = tmp_path / "nnunet_pretrained_weights.pth"
-    return path, write_weights(plans, path), plans
 
 
 def encoder_equal(network, state: dict) -> bool:

@@ -78,22 +78,6 @@ def test_sampler_respects_max_tasks(experiment_env):
     assert s["ref_masks"].shape[0] == 4 and int(s["valid"].sum()) <= 4
 
 
-@pytest.fixture()
-def private_copy(experiment_env, tmp_path, monkeypatch):
-    """A private copy of the pretraining dataset (raw + preprocessed) that a test may damage."""
-    from mass_nnu.adapter.datasets import dataset_name
-
-    name = dataset_name(experiment_env["pretrain"])
-    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        src = experiment_env["env"][var]
-        dst = tmp_path / var
-        shutil.copytree(f"{src}/{name}", dst / name)
-        monkeypatch.setenv(var, str(dst))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    return {"name": name, "raw": tmp_path / "nnUNet_raw" / name, "pre": tmp_path / "nnUNet_preprocessed" / name,
-            **experiment_env}
-
-
 def _pretrain_args(exp):
     return ("pretrain", "-d", exp["pretrain"], "-p", exp["plans"], "--epochs", "1", "--iters-per-epoch", "1",
             "--val-iters", "1", "--batch-size", "1", "-np", "0")

@@ -18,6 +18,7 @@ import numpy as np
 
 from mass_nnu.adapter import inference
 from mass_nnu.errors import MassError
+from mass_nnu.io import ensure_writable, save_json_atomic
 from mass_nnu.incontext.common import Pretrained, as_tensor, case_from_file, crop_padded, image_cases
 
 BACKGROUND_LOGIT = -30.0  # logit of voxels outside the predicted region (sigmoid ~ 1e-13)
@@ -161,7 +162,7 @@ def segment_cases(pretrained: Pretrained, references: list[tuple[Path, Path]], q
     if missing:
         raise MassError(f"--labels {missing}: not in any reference mask (they hold {available})")
     tokens = encode_tasks(pretrained, loaded, available)
-    output_folder = Path(output_folder)
+    output_folder = ensure_writable(output_folder)
     results = {}
     for case in tqdm(cases, desc="in-context segmentation", unit="case", disable=None):
         data, properties = inference.read_image(case.files, plans)
@@ -177,8 +178,6 @@ def segment_cases(pretrained: Pretrained, references: list[tuple[Path, Path]], q
                                 f"{label_map.shape}")
             results[case.case_id] = {str(v): inference.dice(reference, label_map, v) for v in available}
     if gt_folder:
-        from mass_nnu.io import save_json_atomic
-
         summary = {"model": pretrained.source, "references": [[str(i), str(m)] for i, m in references],
                    "labels": available, "dice_per_case": results, "mean_dice": mean_dice(results)}
         save_json_atomic(summary, output_folder / "summary.json")

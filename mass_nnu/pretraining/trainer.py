@@ -165,6 +165,10 @@ class MASSPretrainer:
         val_sampler = TaskSampler(held or train, patch, settings)
         self.val_batches = [val_sampler.batch(val_rng, self.settings.batch_size)
                             for _ in range(self.settings.val_iterations)]
+        if self.dist.main:
+            from mass_nnu.io import ensure_writable
+
+            ensure_writable(self.output)
         self.log(f"pretraining on {len(train)} case(s) of {', '.join(self.names)}; {len(held)} held out for "
                  f"in-context validation; patch {patch}, batch {self.settings.batch_size}, ≤ {settings.max_tasks} tasks")
 
