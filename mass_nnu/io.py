@@ -71,11 +71,19 @@ def backbone_weights(state_dict: dict) -> dict:
     return backbone or state_dict
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete temporary files of ``path`` left by a writer killed mid-save (only for single-writer files)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` atomically. The dict must hold only tensors and plain Python values."""
     import torch
 
     checkpoint = {**checkpoint, "mass_nnu_version": __version__}
+    remove_stale_temporaries(path)
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 

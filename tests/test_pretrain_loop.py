@@ -120,3 +120,32 @@ def test_ddp_gloo_two_processes(experiment_env, tmp_path):
     assert "world size 2" in proc.stdout
     assert (out / "checkpoint_final.pth").is_file() and (out / "nnunet_pretrained_weights.pth").is_file()
     assert len(list(out.glob("training_log_*.txt"))) == 1  # only rank 0 writes
+
+
+def test_stock_nnunet_train_accepts_our_weights_file(uninterrupted, experiment_env, tmp_path):
+    """`nnUNetv2_train <downstream> 3d_fullres <fold> -pretrained_weights <our export>` starts and trains; only
+    nnU-Net's own loader touches the weights (our trainer is told to start from scratch)."""
+    from mass_nnu.workspace import register_trainer_shim
+
+    register_trainer_shim()
+    weights = uninterrupted / "nnunet_pretrained_weights.pth"
+    env = {**os.environ, "MASS_PRETRAINED_WEIGHTS": "scratch", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(experiment_env["downstream"]), "3d_fullres", "3",
+           "-p", experiment_env["plans"], "-tr", "nnUNetTrainerMASS_1epoch", "-pretrained_weights", str(weights),
+           "-device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Loading pretrained weights from file" in proc.stdout
+    assert "training from scratch" in proc.stdout  # our loader stood aside
+    fold = Path(os.environ["nnUNet_results"]) / "Dataset712_PhantomSeg" / \
+        f"nnUNetTrainerMASS_1epoch__{experiment_env['plans']}__3d_fullres" / "fold_3"
+    import torch
+
+    from mass_nnu.io import load_nnunet_checkpoint
+
+    trained = load_nnunet_checkpoint(fold / "checkpoint_final.pth")["network_weights"]
+    pretrained = torch.load(weights, weights_only=True)["network_weights"]
+    key = "encoder.stem.convs.0.conv.weight"
+    relative_change = (trained[key] - pretrained[key]).norm() / pretrained[key].norm()
+    assert relative_change < 0.5, f"{key} moved {relative_change:.2f} of its norm: the weights were not loaded"

@@ -185,8 +185,9 @@ class nnUNetTrainerMASS(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
             return super().save_checkpoint(filename)
-        from mass_nnu.io import atomic_path
+        from mass_nnu.io import atomic_path, remove_stale_temporaries
 
+        remove_stale_temporaries(filename)
         with atomic_path(filename) as tmp:
             super().save_checkpoint(str(tmp))
 
