@@ -21,7 +21,7 @@ def finetune(
     device: str = typer.Option("cpu", "-device", help="cpu, cuda or mps."),
     continue_training: bool = typer.Option(False, "--c", help="Resume from the latest checkpoint."),
     npz: bool = typer.Option(False, "--npz", help="Save softmax probabilities at final validation."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the label-budget draw."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the label-budget draw and of training (initialisation; sampling and augmentation with nnUNet_n_proc_DA=0)."),
     no_mirroring: bool = typer.Option(False, "--no-mirroring", help="No mirroring in augmentation and inference."),
     trainer: str = typer.Option("nnUNetTrainerMASS", "-tr", help="Trainer variant (nnUNetTrainerMASS_50epochs, ...)."),
     num_processes: int = typer.Option(2, "-np", help="Processes for planning and preprocessing."),

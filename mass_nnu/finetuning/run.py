@@ -168,7 +168,7 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                                else "", f"b{batch_size}" if batch_size else "",
                                f"lr{learning_rate:g}" if learning_rate else ""] if t)
     options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring,
-               "initial_lr": learning_rate}
+               "initial_lr": learning_rate, "seed": seed}
     run_plans = derived_plans(plans, load_weights, checkpoint.get("architecture_fingerprint") if checkpoint else None,
                               budget, options, tag)
     if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes

@@ -22,7 +22,7 @@ WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
 WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
 SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
-           "frozen_encoder_epochs", "mirroring")
+           "frozen_encoder_epochs", "mirroring", "seed")
 CASTS = {"initial_lr": float, "mirroring": bool}
 
 
@@ -138,6 +138,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         self.num_val_iterations_per_epoch = None
         self.mirroring = self.default_mirroring
         self.warmup_epochs = self.frozen_encoder_epochs = None
+        self.seed: int | None = None  # seeds initialisation and (with nnUNet_n_proc_DA=0) sampling/augmentation
         options = self.plans_manager.plans.get("mass_finetune", {})
         for key in TUNABLE:
             if options.get(key) is not None:
@@ -178,6 +179,14 @@ class nnUNetTrainerMASS(nnUNetTrainer):
                                                self.num_input_channels)
 
     def initialize(self):
+        if self.seed is not None:
+            import random
+
+            import numpy as np
+
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
         super().initialize()
         self.load_pretrained()
 

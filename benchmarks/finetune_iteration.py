@@ -1,0 +1,80 @@
+"""P2: iteration time of nnUNetTrainerMASS against nnU-Net's nnUNetTrainer, same plans, data and batch.
+
+    python benchmarks/finetune_iteration.py -d 502 -p nnUNetResEncUNetMPlans_f8 [-c 3d_fullres] [-w WEIGHTS]
+           [--iterations 10] [--rounds 3] [-device cpu|cuda]
+
+Both trainers are built in one process on the dataset's fold 0 with nnU-Net's own data loaders and augmentation
+(``nnUNet_n_proc_DA`` workers) and timed in alternating rounds, so machine load hits both alike. An iteration is
+what nnU-Net's epoch loop does: fetch a batch from ``dataloader_train`` and ``train_step`` it. MASS loads the
+weights file when given (``-w``), else starts from scratch; the per-iteration cost does not depend on it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+
+def build(trainer_class, dataset: str, plans_identifier: str, configuration: str, device: str, weights):
+    from mass_nnu.adapter.datasets import load_dataset_json, load_plans
+    from mass_nnu.adapter.training import build_trainer
+
+    trainer = build_trainer(trainer_class, load_plans(dataset, plans_identifier), configuration, 0,
+                            load_dataset_json(dataset), device, False)
+    if hasattr(trainer, "pretrained_weights"):
+        trainer.pretrained_weights = weights or "scratch"
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.network.train()
+    return trainer
+
+
+def time_iterations(trainer, n: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    for _ in range(n):
+        trainer.train_step(next(trainer.dataloader_train))
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", required=True, help="planned and preprocessed labelled dataset")
+    parser.add_argument("-p", default="nnUNetResEncUNetMPlans")
+    parser.add_argument("-c", default="3d_fullres")
+    parser.add_argument("-w", default=None, help="nnunet_pretrained_weights.pth (optional)")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-device", default="cpu")
+    args = parser.parse_args()
+    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="mass_p2_")  # throw-away trainer outputs
+
+    from mass_nnu.adapter.training import nnUNetTrainer
+    from mass_nnu.finetuning.trainer import nnUNetTrainerMASS
+
+    trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None),
+                "nnUNetTrainerMASS": build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)}
+    for trainer in trainers.values():  # warm-up: first batches, allocator, autotuning
+        time_iterations(trainer, 2)
+    times = {name: [] for name in trainers}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            times[name].append(time_iterations(trainer, args.iterations))
+    base = trainers["nnUNetTrainer"]
+    print(f"dataset {args.d}, plans {args.p} {args.c}, patch {list(base.configuration_manager.patch_size)}, "
+          f"batch {base.batch_size}, device {args.device}, nnUNet_n_proc_DA {os.environ.get('nnUNet_n_proc_DA')}, "
+          f"{args.rounds} rounds × {args.iterations} iterations")
+    print(f"{'trainer':22s}{'median s/it':>13s}{'rounds':>30s}")
+    for name, values in times.items():
+        print(f"{name:22s}{statistics.median(values):13.3f}{'  '.join(f'{v:.3f}' for v in values):>30s}")
+    ratio = statistics.median(times["nnUNetTrainerMASS"]) / statistics.median(times["nnUNetTrainer"])
+    print(f"P2 = nnUNetTrainerMASS / nnUNetTrainer iteration time = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
