@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,12 +103,13 @@ def _safe_torch_load(path: Path, numpy_scalars: bool = False) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        unsafe = [line for line in str(e).splitlines() if "Unsupported global" in line]
-        raise MassError(f"{path}: refused, the checkpoint needs pickle code execution "
-                        f"({(unsafe or [first])[0].strip()[:160]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else (str(e).strip().splitlines() or ["an object"])[0][:120]
+        raise MassError(f"{path}: refused, the checkpoint needs pickle code execution ({what}; only tensors and "
+                        f"plain values load with weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise MassError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+        detail = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
+        raise MassError(f"{path}: not a readable checkpoint, truncated or corrupt ({detail})") from None
 
 
 def load_nnunet_checkpoint(path: str | os.PathLike) -> dict:

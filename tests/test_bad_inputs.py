@@ -29,6 +29,7 @@ def assert_one_clear_error(result, *expected: str, root: Path | None = None) -> 
     for text in expected:
         assert str(text) in lines[0], f"{text!r} not in {lines[0]!r}"
     assert "Traceback" not in result.output
+    print(f"\n[observed] {lines[0]}")  # `pytest -s` lists every kind's message (docs/reliability.md)
     if root is not None:
         leftovers = [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
         assert not leftovers, leftovers
