@@ -61,6 +61,14 @@ def test_transfer_adapts_input_channels_and_refuses_other_architectures(experime
     key = report["adapted"][0]
     assert torch.allclose(target.state_dict()[key][:, 0], source[key][:, 0] / 2)
     assert any("adapted" in line for line in logged)
+
+    fresh = build_network(plans, "3d_fullres", 1, 3)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    report = transfer_weights(fresh, source, "w.pth", lambda *a, **k: None, 1, encoder_only=True)
+    after = fresh.state_dict()
+    decoder = [k for k in after if k.startswith("decoder.stages.") and k.endswith("conv.weight")]
+    assert decoder and all(k in report["skipped"] and torch.equal(after[k], before[k]) for k in decoder)
+    assert all(torch.equal(after[k], source[k]) for k in after if k.startswith("encoder."))
     smaller = json.loads(json.dumps(plans))
     arch = smaller["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [f // 2 for f in arch["features_per_stage"]]

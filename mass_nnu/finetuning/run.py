@@ -119,7 +119,7 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                      iterations_per_epoch: int | None = None, device: str = "cpu", continue_training: bool = False,
                      save_npz: bool = False, seed: int = 0, mirroring: bool = True,
                      trainer_name: str = "nnUNetTrainerMASS", num_processes: int = 2, batch_size: int | None = None,
-                     learning_rate: float | None = None) -> dict:
+                     learning_rate: float | None = None, transfer: str = "all") -> dict:
     """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
     ``<fold folder>/mass_finetune_results.json``."""
     from mass_nnu.adapter import training
@@ -134,6 +134,8 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     if device not in ("cpu", "cuda", "mps"):
         raise MassError(f"-device {device}: choose cpu, cuda or mps")
     budget_size(10**9, num_labeled, fraction)  # argument errors before any work
+    if transfer not in ("all", "encoder"):
+        raise MassError(f"--transfer {transfer}: choose all or encoder")
 
     # weights and the plans they were trained on
     source_plans = checkpoint = weights_path = None
@@ -166,9 +168,10 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     tag = "_".join(t for t in ["scratch" if load_weights is None else "mass", budget_tag(num_labeled, fraction, seed),
                                f"e{epochs}" if epochs else "", f"i{iterations_per_epoch}" if iterations_per_epoch
                                else "", f"b{batch_size}" if batch_size else "",
-                               f"lr{learning_rate:g}" if learning_rate else ""] if t)
+                               f"lr{learning_rate:g}" if learning_rate else "",
+                               "tenc" if transfer == "encoder" and load_weights else ""] if t)
     options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring,
-               "initial_lr": learning_rate, "seed": seed}
+               "initial_lr": learning_rate, "seed": seed, "transfer": transfer}
     run_plans = derived_plans(plans, load_weights, checkpoint.get("architecture_fingerprint") if checkpoint else None,
                               budget, options, tag)
     if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes

@@ -22,8 +22,8 @@ WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
 WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
 SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
-           "frozen_encoder_epochs", "mirroring", "seed")
-CASTS = {"initial_lr": float, "mirroring": bool}
+           "frozen_encoder_epochs", "mirroring", "seed", "transfer")
+CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str}
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -89,7 +89,8 @@ def architecture_mismatch(target: dict, weights: dict, num_input_channels: int) 
     return None
 
 
-def transfer_weights(network, weights: dict, source: str, log, num_input_channels: int) -> dict[str, list[str]]:
+def transfer_weights(network, weights: dict, source: str, log, num_input_channels: int,
+                     encoder_only: bool = False) -> dict[str, list[str]]:
     """Copy every matching tensor of ``weights`` into ``network``; adapt the input projection when the input
     channel count differs (channel mean, repeated, rescaled to keep the activation scale); skip ``seg_layers``.
     Any other difference means another architecture: MassError."""
@@ -104,6 +105,9 @@ def transfer_weights(network, weights: dict, source: str, log, num_input_channel
         if src is None or ".seg_layers." in key:
             report["skipped"].append(key)
             log(f"MASS weights: skipped {key} (segmentation head, trained from scratch)")
+        elif encoder_only and key.startswith("decoder.") and not key.startswith("decoder.encoder."):
+            report["skipped"].append(key)
+            log(f"MASS weights: skipped {key} (decoder; transfer=encoder)", also_print_to_console=False)
         elif src.shape == value.shape:
             new_state[key] = src.to(value.dtype)
             report["transferred"].append(key)
@@ -138,6 +142,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         self.num_val_iterations_per_epoch = None
         self.mirroring = self.default_mirroring
         self.warmup_epochs = self.frozen_encoder_epochs = None
+        self.transfer = "all"  # "all": encoder and decoder; "encoder": decoder trained from scratch
         self.seed: int | None = None  # seeds initialisation and (with nnUNet_n_proc_DA=0) sampling/augmentation
         options = self.plans_manager.plans.get("mass_finetune", {})
         for key in TUNABLE:
@@ -175,8 +180,10 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         weights = checkpoint["network_weights"]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise MassError(f"{source}: 'network_weights' is not a state dict of tensors")
+        if self.transfer not in ("all", "encoder"):
+            raise MassError(f"transfer '{self.transfer}': use 'all' or 'encoder'")
         self.weights_report = transfer_weights(self.network, weights, str(source), self.print_to_log_file,
-                                               self.num_input_channels)
+                                               self.num_input_channels, encoder_only=self.transfer == "encoder")
 
     def initialize(self):
         if self.seed is not None:
