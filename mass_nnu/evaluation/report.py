@@ -53,25 +53,30 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in sorted({r["method"] for r in rows}):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["num_labeled"])
-        ax.errorbar([r["num_labeled"] for r in mine], [100 * r["dice_mean"] for r in mine],
-                    yerr=[100 * r["dice_sd"] for r in mine], marker="o", capsize=4,
-                    label=METHOD_LABELS.get(method, method))
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({r["num_labeled"] for r in rows}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("mean Dice on held-out test set (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    budgets = sorted({r["num_labeled"] for r in rows})
+    # matplotlib's own defaults: nnU-Net's progress plots (same process) change the global style and font scale
+    with plt.style.context("default"), matplotlib.rc_context({"font.size": 10}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method in sorted({r["method"] for r in rows}):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["num_labeled"])
+            ax.errorbar([r["num_labeled"] for r in mine], [100 * r["dice_mean"] for r in mine],
+                        yerr=[100 * r["dice_sd"] for r in mine], marker="o", capsize=4,
+                        label=METHOD_LABELS.get(method, method))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(budgets))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel("mean Dice on held-out test set (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
 
 
 def write_report(cells: list[dict], out_dir: Path, title: str) -> str:
