@@ -3,9 +3,9 @@
 Weights path, first found wins: the instance attribute ``pretrained_weights`` (set before ``initialize()``; the
 string "scratch" disables), the environment variable ``MASS_PRETRAINED_WEIGHTS`` (a file or a pretrained folder;
 "scratch" disables), then ``plans["pretrain_info"]["weights"]`` (written by ``mass finetune``; null = scratch).
-Training options ``plans["mass_finetune"]`` (num_epochs, num_iterations_per_epoch, warmup_epochs,
-frozen_encoder_epochs, mirroring, label_budget) override the class defaults, so ``nnUNetv2_train -p <plans>``
-reproduces a ``mass finetune`` run. Import lazily: this module imports nnunetv2.
+Training options ``plans["mass_finetune"]`` (num_epochs, num_iterations_per_epoch, initial_lr, warmup_epochs,
+frozen_encoder_epochs, mirroring, seed, transfer, label_budget) override the class defaults, so
+``nnUNetv2_train -p <plans>`` reproduces a ``mass finetune`` run. Import lazily: this module imports nnunetv2.
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
 
     # ---- checkpoints: written atomically, read with weights_only=True ------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
+        if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
         from mass_nnu.io import atomic_path, remove_stale_temporaries
 
