@@ -30,7 +30,7 @@ def _mass(*args) -> None:
 
 
 PRESETS = {
-    "default": dict(pretrain_epochs=5, pretrain_iterations=12, finetune_epochs=4, finetune_iterations=10),
+    "default": dict(pretrain_epochs=5, pretrain_iterations=12, finetune_epochs=10, finetune_iterations=12),
     "quick": dict(pretrain_epochs=1, pretrain_iterations=2, finetune_epochs=1, finetune_iterations=2,
                   num_pretrain=4, num_train=3, num_test=1),
 }
@@ -38,6 +38,7 @@ PRESETS = {
 
 def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 6,
              pretrain_iterations: int = 15, finetune_epochs: int = 6, finetune_iterations: int = 15,
+             finetune_batch_size: int = 2,
              num_labeled: int = 2, num_pretrain: int = 20, num_train: int = 10, num_test: int = 5) -> dict:
     import typer
 
@@ -67,7 +68,8 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
     pretrained = results_root() / f"Dataset{DEMO_PRETRAIN_ID:03d}_MNIPretrain" / f"MASSPretrainer__{PLANS}__{CONFIG}"
     for tag, extra in (("finetune MASS", ("-w", pretrained)), ("finetune scratch", ("--scratch",))):
         step(tag, "finetune", "-d", DEMO_DOWNSTREAM_ID, "-p", PLANS, "-c", CONFIG, "--num-labeled", num_labeled,
-             "--epochs", finetune_epochs, "--iters-per-epoch", finetune_iterations, "-device", device,
+             "--epochs", finetune_epochs, "--iters-per-epoch", finetune_iterations, "--batch-size",
+             finetune_batch_size, "-device", device,
              "--seed", seed, *extra)
     downstream = next(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*"))
     reference = sorted((downstream / "imagesTr").glob("*_0000.nii.gz"))[0]
