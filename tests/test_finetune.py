@@ -150,6 +150,10 @@ def test_cli_budget_resume_scratch_twin_and_errors(weights, experiment_env, run_
     assert too_many.exit_code == 1 and "more than the" in too_many.output
     unknown = run_cli("finetune", "-d", 987, "-w", path)
     assert unknown.exit_code == 1 and "unknown dataset" in unknown.output
+    other = tmp_path / "other_run" / "nnunet_pretrained_weights.pth"
+    write_weights(weights[2], other, seed=1)
+    reused = run_cli("finetune", "-d", 712, "-w", other, "--num-labeled", 2, "-tr", TINY, "--epochs", 2, "--no-mirroring")
+    assert reused.exit_code == 1 and "trained from other weights" in reused.stderr
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(path.read_bytes()[:1000])
     bad = run_cli("finetune", "-d", 712, "-w", corrupt)

@@ -33,7 +33,7 @@ def load_weights_file(path) -> tuple[Path, dict]:
     from mass_nnu.finetuning.trainer import resolve_weights_path
     from mass_nnu.io import load_checkpoint
 
-    path = resolve_weights_path(path)
+    path = resolve_weights_path(path).resolve()  # absolute: recorded in the plans and compared on reruns
     checkpoint = load_checkpoint(path)
     plan = checkpoint.get("nnssl_adaptation_plan")
     if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_plan"), dict):
@@ -92,6 +92,18 @@ def derived_plans(plans: dict, weights: Path | None, source_fingerprint: str | N
                               "architecture_fingerprint": source_fingerprint}
     plans["mass_finetune"] = {**{k: v for k, v in options.items() if v is not None}, "label_budget": budget}
     return plans
+
+
+def check_results_folder(model_dir: Path, pretrain_info: dict) -> None:
+    """Refuse to resume or reuse a results folder that was trained from other pretrained weights (the derived
+    plans name records the settings, not which weights file)."""
+    plans_file = model_dir / "plans.json"
+    if not plans_file.is_file():
+        return
+    before = (json.loads(plans_file.read_text()).get("pretrain_info") or {}).get("weights")
+    if before != pretrain_info.get("weights"):
+        raise MassError(f"{model_dir}: trained from other weights ({before or 'scratch'}); move or delete this folder "
+                        f"to fine-tune from {pretrain_info.get('weights') or 'scratch'} with the same settings")
 
 
 def dice_table(summary: dict, dataset_json: dict) -> dict[str, float]:
@@ -176,6 +188,8 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                               budget, options, tag)
     if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes
         run_plans["configurations"][configuration]["batch_size"] = int(batch_size)
+    check_results_folder(training.results_folder(name, trainer_name, run_plans["plans_name"], configuration),
+                         run_plans["pretrain_info"])
     save_json_atomic(run_plans, preprocessed_dir(name) / f"{run_plans['plans_name']}.json")
 
     trainer = training.build_trainer(TRAINERS[trainer_name], run_plans, configuration, fold, dataset_json, device,
