@@ -10,11 +10,12 @@ weights file when given (``-w``), else starts from scratch; the per-iteration co
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
+
+from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
 
 
 def build(trainer_class, dataset: str, plans_identifier: str, configuration: str, device: str, weights):
@@ -43,10 +44,7 @@ def time_iterations(trainer, n: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", required=True, help="planned and preprocessed labelled dataset")
-    parser.add_argument("-p", default="nnUNetResEncUNetMPlans")
-    parser.add_argument("-c", default="3d_fullres")
+    parser = plans_parser(__doc__, "planned and preprocessed labelled dataset")
     parser.add_argument("-w", default=None, help="nnunet_pretrained_weights.pth (optional)")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)

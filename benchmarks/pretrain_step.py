@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
+
 TARGETS = {"P1": 1.6, "P3": 0.05, "P5": 1.5}
 
 
@@ -121,10 +123,7 @@ def run_nnunet(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", required=True, help="planned dataset with proposals")
-    parser.add_argument("-p", default="nnUNetResEncUNetMPlans")
-    parser.add_argument("-c", default="3d_fullres")
+    parser = plans_parser(__doc__, "planned dataset with proposals")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)

@@ -9,16 +9,14 @@ case, without writing). Prints per-case seconds and the ratio of the medians.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
+from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", required=True, help="planned dataset")
-    parser.add_argument("-p", default="nnUNetResEncUNetMPlans")
-    parser.add_argument("-c", default="3d_fullres")
+    parser = plans_parser(__doc__, "planned dataset")
     parser.add_argument("--cases", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
