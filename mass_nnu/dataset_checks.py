@@ -56,11 +56,10 @@ def read_dataset_json(folder: Path) -> dict:
     return meta
 
 
-def check_image(path: Path, image=None) -> np.ndarray:
-    """A 3D, scalar, finite, non-constant image; returns its array."""
+def check_image(path: Path, image) -> None:
+    """``image`` (read from ``path``) is 3D, scalar, finite and not constant."""
     import SimpleITK as sitk
 
-    image = image if image is not None else read_image(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise MassError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; nnU-Net needs one "
                         f"file per channel (_0000, _0001, ...)")
@@ -78,7 +77,6 @@ def check_image(path: Path, image=None) -> np.ndarray:
         raise MassError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or replace them before planning")
     if array.min() == array.max():
         raise MassError(f"{path}: constant image (every voxel is {array.flat[0]}); nothing to learn from")
-    return array
 
 
 def check_geometry(label_path: Path, label, image) -> None:

@@ -136,7 +136,7 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     ``<fold folder>/mass_finetune_results.json``."""
     from mass_nnu.adapter import training
     from mass_nnu.finetuning.budget import budget_size, budget_tag, select_budget
-    from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS
+    from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, check_transfer_mode
     from mass_nnu.io import save_json_atomic
 
     name = dataset_name(dataset)
@@ -146,8 +146,7 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     if device not in ("cpu", "cuda", "mps"):
         raise MassError(f"-device {device}: choose cpu, cuda or mps")
     budget_size(10**9, num_labeled, fraction)  # argument errors before any work
-    if transfer not in ("all", "encoder"):
-        raise MassError(f"--transfer {transfer}: choose all or encoder")
+    check_transfer_mode(transfer)
 
     # weights and the plans they were trained on
     source_plans = checkpoint = weights_path = None

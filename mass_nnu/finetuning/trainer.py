@@ -24,6 +24,7 @@ SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
            "frozen_encoder_epochs", "mirroring", "seed", "transfer")
 CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str}
+TRANSFER_MODES = ("all", "encoder")  # "encoder": the decoder keeps nnU-Net's initialisation
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -71,6 +72,11 @@ def plan_hint() -> str:
     return ("plan both datasets together with 'mass plan -d <pretrain IDs> --target-dataset <downstream ID>' and "
             "pretrain again, or fine-tune with the plans the weights were trained on ('mass finetune -w ...' "
             "transfers them)")
+
+
+def check_transfer_mode(mode: str) -> None:
+    if mode not in TRANSFER_MODES:
+        raise MassError(f"--transfer {mode}: choose {' or '.join(TRANSFER_MODES)}")
 
 
 def architecture_mismatch(target: dict, weights: dict, num_input_channels: int) -> str | None:
@@ -180,8 +186,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         weights = checkpoint["network_weights"]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise MassError(f"{source}: 'network_weights' is not a state dict of tensors")
-        if self.transfer not in ("all", "encoder"):
-            raise MassError(f"transfer '{self.transfer}': use 'all' or 'encoder'")
+        check_transfer_mode(self.transfer)
         self.weights_report = transfer_weights(self.network, weights, str(source), self.print_to_log_file,
                                                self.num_input_channels, encoder_only=self.transfer == "encoder")
 

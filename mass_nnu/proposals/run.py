@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mass_nnu.dataset_checks import read_image
 from mass_nnu.errors import MassError
 from mass_nnu.proposals.store import (count_proposals, image_geometry, proposal_dir, read_proposals,
                                       write_proposals)
@@ -159,7 +160,7 @@ def _propose_case(job) -> tuple[int, float]:
     import SimpleITK as sitk
 
     run_one, image_path, out_path, backend, params = job
-    image = _read_image(image_path)
+    image = read_image(image_path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     if array.ndim != 3:
         raise MassError(f"{image_path}: image is {array.ndim}D; proposals need 3D volumes")
@@ -168,15 +169,6 @@ def _propose_case(job) -> tuple[int, float]:
     elapsed = time.time() - start
     write_proposals(out_path, layers, image_geometry(image), backend, params)
     return count_proposals(layers), elapsed
-
-
-def _read_image(path: Path):
-    import SimpleITK as sitk
-
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise MassError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1][:120]})") from None
 
 
 def _merge_summary(path: Path, summary: dict, params: dict) -> None:
@@ -209,7 +201,7 @@ def evaluate_recall(dataset, labels_dir: str | Path, threshold: float = 0.5) -> 
         if not label_path.is_file():
             raise MassError(f"{label_path}: no label for image {case} (needed by --eval-labels)")
         layers, geometry = read_proposals(path)
-        label = sitk.GetArrayFromImage(_read_image(label_path))
+        label = sitk.GetArrayFromImage(read_image(label_path))
         if list(label.shape) != list(geometry["shape"]):
             raise MassError(f"{label_path}: shape {label.shape} differs from its image's {tuple(geometry['shape'])}")
         best = best_iou_per_structure(layers, label)
