@@ -109,3 +109,26 @@ def weights(experiment_env, tmp_path):
     plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
     path = tmp_path / "nnunet_pretrained_weights.pth"
     return path, write_weights(plans, path), plans
+
+
+PRETRAIN_EPOCHS = 2
+
+
+def pretrain_args(exp, out: Path, epochs: int = PRETRAIN_EPOCHS):
+    """`mass pretrain` of the phantom experiment: tiny, seeded."""
+    return ("pretrain", "-d", exp["pretrain"], "-p", exp["plans"], "--epochs", str(epochs), "--iters-per-epoch",
+            "1", "--val-iters", "1", "--batch-size", "1", "-np", "0", "--seed", "3", "-o", str(out))
+
+
+@pytest.fixture()
+def uninterrupted(experiment_env):
+    """One uninterrupted tiny `mass pretrain` run (a real MASS folder), made once per session and shared."""
+    out = Path(experiment_env["env"]["nnUNet_results"]).parent / "pretrain_uninterrupted"
+    if not (out / "checkpoint_final.pth").is_file():
+        from typer.testing import CliRunner
+
+        from mass_nnu.cli import app
+
+        result = CliRunner().invoke(app, [str(a) for a in pretrain_args(experiment_env, out)])
+        assert result.exit_code == 0, result.output
+    return out

@@ -3,20 +3,6 @@ import json
 import pytest
 
 
-def _export_random_weights(env, tmp_path):
-    """A pretrained-weights file in the exported format, from a freshly initialised MASS model."""
-    import torch
-
-    from mass_nnu.adapter.planning import load_plans_file
-    from mass_nnu.pretraining.export import export_backbone
-    from mass_nnu.pretraining.model import build_mass_model
-
-    torch.manual_seed(0)
-    plans = load_plans_file(env["pretrain"], env["plans"])
-    model = build_mass_model(plans, env["configuration"], 1)
-    return export_backbone(model, plans, env["configuration"], 1, tmp_path / "nnunet_pretrained_weights.pth")
-
-
 def test_report_aggregates_seeds(tmp_path):
     from mass_nnu.evaluation.report import aggregate, write_report
 
@@ -43,10 +29,9 @@ def test_budgets_are_checked():
             parse_budgets(bad, 3)
 
 
-def test_benchmark_end_to_end_and_resume(experiment_env, run_cli, tmp_path):
-    weights = _export_random_weights(experiment_env, tmp_path)
+def test_benchmark_end_to_end_and_resume(uninterrupted, experiment_env, run_cli, tmp_path):
     out = tmp_path / "bench"
-    args = ("benchmark", "-d", experiment_env["downstream"], "-w", weights, "--budgets", "1", "--seeds", "1",
+    args = ("benchmark", "-d", experiment_env["downstream"], "-w", uninterrupted, "--budgets", "1", "--seeds", "1",
             "--epochs", "1", "--iters-per-epoch", "1", "-o", out)
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
@@ -60,3 +45,6 @@ def test_benchmark_end_to_end_and_resume(experiment_env, run_cli, tmp_path):
     again = run_cli(*args)
     assert again.exit_code == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps, "finished cells must be reused"
+    assert all(c["settings"]["head"] == "incontext" for c in data["cells"])  # auto: a full MASS folder
+    other = run_cli(*args[:-2], "--lr", "0.001", "-o", out)
+    assert other.exit_code == 1 and "run with other settings" in other.output

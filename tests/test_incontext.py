@@ -206,9 +206,9 @@ def test_multi_label_and_k_shot_tokens(workspace):
     assert image.shape == (1, *pretrained.patch_size) and mask.shape == (1, *pretrained.patch_size)
     centre = np.argwhere(mask[0]).mean(0)
     assert np.all(np.abs(centre - np.array(pretrained.patch_size) / 2) < 3)  # structure in the middle of the crop
-    one = encode_tasks(pretrained, refs[:1], [1, 2, 4])
-    two = encode_tasks(pretrained, refs, [1, 2, 4])
-    second = encode_tasks(pretrained, refs[1:], [1, 2, 4])
+    one = encode_tasks(pretrained.model, pretrained.patch_size, refs[:1], [1, 2, 4])
+    two = encode_tasks(pretrained.model, pretrained.patch_size, refs, [1, 2, 4])
+    second = encode_tasks(pretrained.model, pretrained.patch_size, refs[1:], [1, 2, 4])
     assert one.num_tasks == 3 and tuple(one.valid.shape) == (1, 3)
     assert torch.allclose(two.scales[0], (one.scales[0] + second.scales[0]) / 2, atol=1e-6)
     query = refs[1].data

@@ -8,26 +8,8 @@ from pathlib import Path
 
 import pytest
 
-EPOCHS = 2
-
-
-def _args(exp, out: Path, epochs: int = EPOCHS):
-    return ("pretrain", "-d", exp["pretrain"], "-p", exp["plans"], "--epochs", str(epochs), "--iters-per-epoch",
-            "1", "--val-iters", "1", "--batch-size", "1", "-np", "0", "--seed", "3", "-o", str(out))
-
-
-@pytest.fixture()
-def uninterrupted(experiment_env, tmp_path_factory):
-    """One uninterrupted tiny run, shared (via a cache file) by the output and the resume tests."""
-    out = Path(experiment_env["env"]["nnUNet_results"]).parent / "pretrain_uninterrupted"
-    if not (out / "checkpoint_final.pth").is_file():
-        from typer.testing import CliRunner
-
-        from mass_nnu.cli import app
-
-        result = CliRunner().invoke(app, [str(a) for a in _args(experiment_env, out)])
-        assert result.exit_code == 0, result.output
-    return out
+from conftest import PRETRAIN_EPOCHS as EPOCHS
+from conftest import pretrain_args as _args
 
 
 def test_outputs_load_safely_and_transfer_to_nnunet(uninterrupted, experiment_env):

@@ -35,9 +35,15 @@ def configuration_manager(plans: dict, configuration: str):
 def build_network(plans: dict, configuration: str, num_input_channels: int, num_output_channels: int = 1,
                   deep_supervision: bool = True):
     """The network nnU-Net's trainer builds for these plans (``nnUNetTrainer.build_network_architecture``)."""
+    return build_from_configuration(configuration_manager(plans, configuration), num_input_channels,
+                                    num_output_channels, deep_supervision)
+
+
+def build_from_configuration(manager, num_input_channels: int, num_output_channels: int = 1,
+                             deep_supervision: bool = True):
+    """``build_network`` from an nnU-Net ``ConfigurationManager`` (what trainers and the predictor hold)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    manager = configuration_manager(plans, configuration)
     return get_network_from_plans(manager.network_arch_class_name, manager.network_arch_init_kwargs,
                                   manager.network_arch_init_kwargs_req_import, num_input_channels,
                                   num_output_channels, allow_init=True, deep_supervision=deep_supervision)

@@ -20,10 +20,11 @@ def benchmark(
     out: Optional[str] = typer.Option(None, "-o", help="Output folder (default: $nnUNet_results/<Dataset>/mass_benchmark)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the plans' batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial fine-tuning learning rate (default 1e-2)."),
+    head: str = typer.Option("auto", "--head", help="MASS fine-tuning head: incontext, new or auto (see mass finetune)."),
 ) -> None:
     """Fine-tune MASS and the from-scratch twin per budget and seed; write results.csv/json, a table and a plot."""
     from mass_nnu.evaluation.label_efficiency import run_benchmark
 
     table = run_benchmark(dataset, weights, budgets, seeds, epochs, iters_per_epoch, configuration, fold,
-                          incontext, device, out, batch_size=batch_size, learning_rate=lr)
+                          incontext, device, out, batch_size=batch_size, learning_rate=lr, head=head)
     typer.echo(table)

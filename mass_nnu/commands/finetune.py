@@ -28,10 +28,11 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the plans' batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (default: the trainer's, 1e-2)."),
     transfer: str = typer.Option("all", "--transfer", help="all: encoder and decoder weights; encoder: decoder from scratch."),
+    head: str = typer.Option("auto", "--head", help="incontext: the whole MASS model, one in-context task per class; new: the pretrained backbone with a fresh nnU-Net head; auto: incontext when the full MASS checkpoint is beside the weights (docs/finetuning.md)."),
 ) -> None:
     """Fine-tune nnU-Net from MASS weights with an optional label budget; evaluate on imagesTs/labelsTs."""
     from mass_nnu.finetuning.run import finetune_dataset
 
     finetune_dataset(dataset, configuration, fold, weights, plans, num_labeled, fraction, scratch, epochs,
                      iterations, device, continue_training, npz, seed, not no_mirroring, trainer, num_processes,
-                     batch_size, lr, transfer)
+                     batch_size, lr, transfer, head)

@@ -36,8 +36,9 @@ def cell_path(out_dir: Path, method: str, budget: str, seed: int) -> Path:
 
 
 def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods: Sequence[str],
-              run_one: Callable[[str, int, int], dict]) -> list[dict]:
-    """Run every missing cell with ``run_one(method, num_labeled, seed) -> {mean_dice, per_structure}``."""
+              run_one: Callable[[str, int, int], dict], settings: dict | None = None) -> list[dict]:
+    """Run every missing cell with ``run_one(method, num_labeled, seed) -> {mean_dice, per_structure}``. A saved
+    cell is reused only when it was run with the same ``settings`` (schedule, weights, head, ...)."""
     from tqdm import tqdm
 
     grid = [(m, b, n, s) for b, n in budgets for s in range(seeds) for m in methods]
@@ -45,28 +46,32 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
     for method, budget, num_labeled, seed in tqdm(grid, desc="benchmark cells", unit="cell", disable=None):
         path = cell_path(out_dir, method, budget, seed)
         if path.is_file():
-            cells.append(json.loads(path.read_text()))
+            cell = json.loads(path.read_text())
+            if cell.get("settings") != settings:
+                raise MassError(f"{path}: run with other settings ({cell.get('settings')}, now {settings}); "
+                                f"choose another -o or delete the folder")
+            cells.append(cell)
             continue
         start = time.time()
         result = run_one(method, num_labeled, seed)
         cell = {"method": method, "budget": budget, "num_labeled": num_labeled, "seed": seed,
                 "mean_dice": float(result["mean_dice"]),
                 "per_structure": {k: float(v) for k, v in result["per_structure"].items()},
-                "seconds": round(time.time() - start, 1)}
+                "seconds": round(time.time() - start, 1), "settings": settings}
         save_json_atomic(cell, path)
         cells.append(cell)
     return cells
 
 
 def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, device, mirroring, batch_size,
-                   learning_rate):
+                   learning_rate, head):
     from mass_nnu.finetuning.run import finetune_dataset
 
     def run_one(method: str, num_labeled: int, seed: int) -> dict:
         results = finetune_dataset(dataset, configuration=configuration, fold=fold, weights=weights,
                                    num_labeled=num_labeled, scratch=method == "scratch", epochs=epochs,
                                    iterations_per_epoch=iterations, device=device, seed=seed, mirroring=mirroring,
-                                   batch_size=batch_size, learning_rate=learning_rate)
+                                   batch_size=batch_size, learning_rate=learning_rate, head=head)
         if "test" not in results["dice"]:
             raise MassError(f"{results['model_folder']}: no test Dice; the benchmark needs imagesTs and labelsTs")
         table = dict(results["dice"]["test"])
@@ -107,11 +112,13 @@ def _incontext_cell(dataset, weights, device, train_cases: list[str], out_dir: P
 def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: int, iterations: int,
                   configuration: str = "3d_fullres", fold: str = "0", incontext: bool = False, device: str = "cpu",
                   out: str | None = None, mirroring: bool = False, batch_size: int | None = None,
-                  learning_rate: float | None = None) -> str:
+                  learning_rate: float | None = None, head: str = "auto") -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
     from mass_nnu.adapter.datasets import dataset_name, raw_dir, results_root
     from mass_nnu.evaluation.report import write_report
+    from mass_nnu.finetuning.incontext_head import check_head
     from mass_nnu.finetuning.run import load_weights_file, prepare_plans
+    from mass_nnu.finetuning.trainer import find_mass_checkpoint
     from mass_nnu.adapter.training import fold_cases
 
     name = dataset_name(dataset)
@@ -123,11 +130,18 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
     train_cases, _ = fold_cases(name, plans, configuration, fold if fold == "all" else int(fold))
     out_dir = Path(out) if out else results_root() / name / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
+    check_head(head)
+    if head == "auto":
+        head = "incontext" if find_mass_checkpoint(weights_path) else "new"
+    settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold), "epochs": epochs,
+                "iterations_per_epoch": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
+                "mirroring": mirroring, "head": head}
     finetune = _finetune_cell(name, weights_path, configuration, fold, epochs, iterations, device, mirroring,
-                              batch_size, learning_rate)
-    cells = run_cells(out_dir, parsed, seeds, METHODS, finetune)
+                              batch_size, learning_rate, head)
+    cells = run_cells(out_dir, parsed, seeds, METHODS, finetune, settings)
     if incontext:
         run_ic = _incontext_cell(name, weights_path, device, train_cases, out_dir / "incontext")
-        cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic)
+        cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic,
+                           {k: settings[k] for k in ("weights", "configuration", "fold")})
     title = f"{name}: MASS vs scratch ({epochs} epochs × {iterations} iterations, {seeds} seed(s))"
     return write_report(cells, out_dir, title)

@@ -131,12 +131,14 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                      iterations_per_epoch: int | None = None, device: str = "cpu", continue_training: bool = False,
                      save_npz: bool = False, seed: int = 0, mirroring: bool = True,
                      trainer_name: str = "nnUNetTrainerMASS", num_processes: int = 2, batch_size: int | None = None,
-                     learning_rate: float | None = None, transfer: str = "all") -> dict:
+                     learning_rate: float | None = None, transfer: str = "all", head: str = "auto") -> dict:
     """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
     ``<fold folder>/mass_finetune_results.json``."""
     from mass_nnu.adapter import training
     from mass_nnu.finetuning.budget import budget_size, budget_tag, select_budget
-    from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, check_transfer_mode
+    from mass_nnu.finetuning.incontext_head import check_head
+    from mass_nnu.finetuning.trainer import (SCRATCH, TRAINERS, check_transfer_mode, find_mass_checkpoint,
+                                             resolve_mass_checkpoint)
     from mass_nnu.io import save_json_atomic
 
     name = dataset_name(dataset)
@@ -147,6 +149,7 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
         raise MassError(f"-device {device}: choose cpu, cuda or mps")
     budget_size(10**9, num_labeled, fraction)  # argument errors before any work
     check_transfer_mode(transfer)
+    check_head(head)
 
     # weights and the plans they were trained on
     source_plans = checkpoint = weights_path = None
@@ -167,6 +170,20 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     if checkpoint is not None:
         check_architecture(plans, configuration, dataset_json, checkpoint["network_weights"], weights_path)
     load_weights = None if scratch else weights_path
+    if load_weights is None:
+        head = "new"  # the scratch twin is plain nnU-Net
+    elif head == "auto":
+        head = "incontext" if find_mass_checkpoint(weights_path) else "new"
+        print(f"mass finetune: head {head} ("
+              + ("the whole MASS model, one in-context task per class" if head == "incontext" else
+                 "no full MASS checkpoint beside the weights: backbone only, new segmentation head") + ")")
+    if head == "incontext" and transfer != "all":
+        raise MassError(f"--transfer {transfer}: applies to --head new (the in-context head uses the whole model)")
+    mass_config = None
+    if head == "incontext":
+        from mass_nnu.io import load_checkpoint
+
+        mass_config = load_checkpoint(resolve_mass_checkpoint(weights_path))["mass_config"]
 
     # label budget: checked and shown before training (the trainer draws the same subset in do_split)
     train_cases, val_cases = training.fold_cases(name, plans, configuration, fold)
@@ -180,9 +197,11 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
                                f"e{epochs}" if epochs else "", f"i{iterations_per_epoch}" if iterations_per_epoch
                                else "", f"b{batch_size}" if batch_size else "",
                                f"lr{learning_rate:g}" if learning_rate else "",
-                               "tenc" if transfer == "encoder" and load_weights else ""] if t)
+                               "tenc" if transfer == "encoder" and load_weights else "",
+                               "hic" if head == "incontext" else ""] if t)
     options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring,
-               "initial_lr": learning_rate, "seed": seed, "transfer": transfer}
+               "initial_lr": learning_rate, "seed": seed, "transfer": transfer, "head": head,
+               "mass_config": mass_config}
     run_plans = derived_plans(plans, load_weights, checkpoint.get("architecture_fingerprint") if checkpoint else None,
                               budget, options, tag)
     if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes

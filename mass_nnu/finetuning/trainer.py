@@ -4,7 +4,7 @@ Weights path, first found wins: the instance attribute ``pretrained_weights`` (s
 string "scratch" disables), the environment variable ``MASS_PRETRAINED_WEIGHTS`` (a file or a pretrained folder;
 "scratch" disables), then ``plans["pretrain_info"]["weights"]`` (written by ``mass finetune``; null = scratch).
 Training options ``plans["mass_finetune"]`` (num_epochs, num_iterations_per_epoch, initial_lr, warmup_epochs,
-frozen_encoder_epochs, mirroring, seed, transfer, label_budget) override the class defaults, so
+frozen_encoder_epochs, mirroring, seed, transfer, head, mass_config, label_budget) override the class defaults, so
 ``nnUNetv2_train -p <plans>`` reproduces a ``mass finetune`` run. Import lazily: this module imports nnunetv2.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
 WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
 SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
-           "frozen_encoder_epochs", "mirroring", "seed", "transfer")
-CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str}
+           "frozen_encoder_epochs", "mirroring", "seed", "transfer", "head")
+CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str, "head": str}
 TRANSFER_MODES = ("all", "encoder")  # "encoder": the decoder keeps nnU-Net's initialisation
 
 
@@ -48,6 +48,25 @@ class WarmupPolyLRScheduler(_LRScheduler):
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(current_step)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def find_mass_checkpoint(weights: Path) -> Path | None:
+    """The full MASS checkpoint (task encoder, conditioning, head) of a pretrained weights file: the file itself
+    when it is one, else ``checkpoint_final.pth`` beside it; None when there is none."""
+    from mass_nnu.io import load_checkpoint
+
+    for candidate in (weights, weights.parent / "checkpoint_final.pth"):
+        if candidate.is_file() and "mass_config" in load_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def resolve_mass_checkpoint(weights: Path) -> Path:
+    found = find_mass_checkpoint(weights)
+    if found is not None:
+        return found
+    raise MassError(f"{weights}: the in-context head needs the full MASS checkpoint (checkpoint_final.pth of "
+                    f"'mass pretrain') beside the weights; use --head new to transfer the backbone only")
 
 
 def resolve_weights_path(path: str | os.PathLike) -> Path:
@@ -149,6 +168,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         self.mirroring = self.default_mirroring
         self.warmup_epochs = self.frozen_encoder_epochs = None
         self.transfer = "all"  # "all": encoder and decoder; "encoder": decoder trained from scratch
+        self.head = "new"  # "new": nnU-Net's seg_layers from scratch; "incontext": the pretrained MASS model
         self.seed: int | None = None  # seeds initialisation and (with nnUNet_n_proc_DA=0) sampling/augmentation
         options = self.plans_manager.plans.get("mass_finetune", {})
         for key in TUNABLE:
@@ -162,6 +182,9 @@ class nnUNetTrainerMASS(nnUNetTrainer):
             self.frozen_encoder_epochs = int(round(self.default_frozen_encoder_fraction * self.num_epochs))
         self.save_every = max(1, min(self.save_every, self.num_epochs // 10))  # short runs stay resumable
         self.label_budget = options.get("label_budget")
+        if self.head == "incontext" and self.label_manager.has_regions:
+            raise MassError("--head incontext: region-based training (sigmoid outputs) is not supported; "
+                            "use --head new")
         self.pretrained_weights: str | None = None
         self.weights_report: dict | None = None
 
@@ -174,14 +197,35 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         recorded = (self.plans_manager.plans.get("pretrain_info") or {}).get("weights")
         return resolve_weights_path(recorded) if recorded else None
 
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        """nnU-Net's network, or with ``mass_finetune.head == "incontext"`` the whole MASS model (also at
+        ``nnUNetv2_predict``, which calls this with the results folder's plans)."""
+        options = plans_manager.plans.get("mass_finetune") or {}
+        if options.get("head", "new") == "incontext":
+            from mass_nnu.finetuning.incontext_head import build_incontext_network
+
+            if not isinstance(options.get("mass_config"), dict):
+                raise MassError(f"plans '{plans_manager.plans_name}': mass_finetune.head is 'incontext' but "
+                                f"mass_finetune.mass_config is missing (written by 'mass finetune')")
+            return build_incontext_network(configuration_manager, num_input_channels, num_output_channels,
+                                           options["mass_config"], enable_deep_supervision)
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
+
     def load_pretrained(self) -> None:
         from mass_nnu.io import load_checkpoint
 
         source = self.weights_source()
         if source is None:
+            if self.head == "incontext":
+                raise MassError("--head incontext needs pretrained weights (it starts from the MASS model)")
             self.print_to_log_file("MASS weights: none (training from scratch, same plans and schedule)")
             self.weights_report = None
             return
+        if self.head == "incontext":
+            return self.load_incontext_head(source)
         checkpoint = load_checkpoint(source)
         weights = checkpoint["network_weights"]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -189,6 +233,37 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         check_transfer_mode(self.transfer)
         self.weights_report = transfer_weights(self.network, weights, str(source), self.print_to_log_file,
                                                self.num_input_channels, encoder_only=self.transfer == "encoder")
+
+    def load_incontext_head(self, source: Path) -> None:
+        """All MASS weights, then task tokens per class encoded from the labelled training cases."""
+        import numpy as np
+
+        from mass_nnu.finetuning.incontext_head import class_tokens
+        from mass_nnu.io import load_checkpoint
+
+        path = resolve_mass_checkpoint(source)
+        network = bare_network(self.network)
+        try:
+            network.mass.load_state_dict(load_checkpoint(path)["network_weights"])
+        except RuntimeError as e:
+            raise MassError(f"{path}: MASS weights do not fit this network ({str(e).splitlines()[0][:200]}); "
+                            f"{plan_hint()}") from None
+        train_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
+        cases = []
+        for key in train_keys:
+            data, seg, _, _ = dataset.load_case(key)
+            cases.append((np.asarray(data[:], dtype=np.float32), np.asarray(seg[:])[0]))
+        patch = tuple(int(p) for p in self.configuration_manager.patch_size)
+        was_training = network.training
+        tokens = class_tokens(network.mass.eval(), patch, cases, self.label_manager.num_segmentation_heads,
+                              self.print_to_log_file)
+        network.train(was_training)
+        network.set_tokens(tokens.to(next(network.parameters()).device))
+        self.weights_report = {"transferred": list(network.mass.state_dict()), "adapted": [], "skipped": [],
+                               "task_tokens_from": list(train_keys)}
+        self.print_to_log_file(f"MASS weights from {path}: whole MASS model (in-context head); task tokens of "
+                               f"{network.num_tasks} classes encoded from {len(train_keys)} labelled case(s)")
 
     def initialize(self):
         if self.seed is not None:

@@ -65,21 +65,22 @@ def reference_crop(reference: Reference, label: int, patch_size) -> tuple[np.nda
     return image, mask
 
 
-def encode_tasks(pretrained: Pretrained, references: list[Reference], labels: list[int]):
-    """Task tokens (1, K, ...) for ``labels``: per label, the average over the references that contain it."""
+def encode_tasks(model, patch_size, references: list[Reference], labels: list[int]):
+    """Task tokens (1, K, ...) of a MASS model for ``labels``: per label, the average over the references that
+    contain it (each cropped to ``patch_size`` around the label)."""
     import torch
 
     from mass_nnu.pretraining.model import TaskTokens
 
-    device = next(pretrained.model.parameters()).device
+    device = next(model.parameters()).device
     per_label = []
     with torch.no_grad():
         for label in labels:
             sets = []
             for reference in references:
                 if label in reference.labels:
-                    image, mask = reference_crop(reference, label, pretrained.patch_size)
-                    sets.append(pretrained.model.encode_task(as_tensor(image, device), as_tensor(mask, device)))
+                    image, mask = reference_crop(reference, label, patch_size)
+                    sets.append(model.encode_task(as_tensor(image, device), as_tensor(mask, device)))
             per_label.append(TaskTokens.average(sets))
     return TaskTokens([torch.cat([t.scales[s] for t in per_label], 1) for s in range(len(per_label[0].scales))],
                       torch.cat([t.valid for t in per_label], 1))
@@ -161,7 +162,7 @@ def segment_cases(pretrained: Pretrained, references: list[tuple[Path, Path]], q
     missing = [v for v in (labels or []) if v not in available]
     if missing:
         raise MassError(f"--labels {missing}: not in any reference mask (they hold {available})")
-    tokens = encode_tasks(pretrained, loaded, available)
+    tokens = encode_tasks(pretrained.model, pretrained.patch_size, loaded, available)
     output_folder = ensure_writable(output_folder)
     results = {}
     for case in tqdm(cases, desc="in-context segmentation", unit="case", disable=None):

@@ -342,6 +342,11 @@ class MASSModel(nn.Module):
 def build_mass_model(plans: dict, configuration: str, num_input_channels: int, **mass_kwargs) -> MASSModel:
     """MASS around the network nnU-Net builds for ``plans[configuration]`` (deep supervision on)."""
     backbone = build_network(plans, configuration, num_input_channels, num_output_channels=1, deep_supervision=True)
+    return mass_model_around(backbone, **mass_kwargs)
+
+
+def mass_model_around(backbone: nn.Module, **mass_kwargs) -> MASSModel:
+    """MASS around an nnU-Net network built with one output channel and deep supervision on."""
     try:
         return MASSModel(backbone, **mass_kwargs)
     except TypeError as e:
