@@ -6,7 +6,9 @@
 Both trainers are built in one process on the dataset's fold 0 with nnU-Net's own data loaders and augmentation
 (``nnUNet_n_proc_DA`` workers) and timed in alternating rounds, so machine load hits both alike. An iteration is
 what nnU-Net's epoch loop does: fetch a batch from ``dataloader_train`` and ``train_step`` it. MASS loads the
-weights file when given (``-w``), else starts from scratch; the per-iteration cost does not depend on it.
+weights file when given (``-w``), else starts from scratch; the per-iteration cost does not depend on it. When
+``-w`` is a ``mass pretrain`` folder (full MASS checkpoint beside the weights), a third row times the in-context
+head (``--head incontext``: the whole MASS model, one task per class), the default of ``mass finetune``.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import time
 from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
 
 
-def build(trainer_class, dataset: str, plans_identifier: str, configuration: str, device: str, weights):
+def build(trainer_class, dataset: str, plans_identifier: str, configuration: str, device: str, weights,
+          mass_finetune: dict | None = None):
     from mass_nnu.adapter.datasets import load_dataset_json, load_plans
     from mass_nnu.adapter.training import build_trainer
 
-    trainer = build_trainer(trainer_class, load_plans(dataset, plans_identifier), configuration, 0,
-                            load_dataset_json(dataset), device, False)
+    plans = load_plans(dataset, plans_identifier)
+    if mass_finetune:
+        plans["mass_finetune"] = mass_finetune
+    trainer = build_trainer(trainer_class, plans, configuration, 0, load_dataset_json(dataset), device, False)
     if hasattr(trainer, "pretrained_weights"):
         trainer.pretrained_weights = weights or "scratch"
     trainer.initialize()
@@ -53,10 +58,18 @@ def main() -> None:
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="mass_p2_")  # throw-away trainer outputs
 
     from mass_nnu.adapter.training import nnUNetTrainer
-    from mass_nnu.finetuning.trainer import nnUNetTrainerMASS
+    from pathlib import Path
+
+    from mass_nnu.finetuning.trainer import find_mass_checkpoint, nnUNetTrainerMASS, resolve_weights_path
+    from mass_nnu.io import load_checkpoint
 
     trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None),
                 "nnUNetTrainerMASS": build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)}
+    full = find_mass_checkpoint(resolve_weights_path(args.w)) if args.w else None
+    if full:
+        head = {"head": "incontext", "mass_config": load_checkpoint(Path(full))["mass_config"]}
+        trainers["nnUNetTrainerMASS incontext"] = build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device,
+                                                        args.w, head)
     for trainer in trainers.values():  # warm-up: first batches, allocator, autotuning
         time_iterations(trainer, 2)
     times = {name: [] for name in trainers}
@@ -67,11 +80,12 @@ def main() -> None:
     print(f"dataset {args.d}, plans {args.p} {args.c}, patch {list(base.configuration_manager.patch_size)}, "
           f"batch {base.batch_size}, device {args.device}, nnUNet_n_proc_DA {os.environ.get('nnUNet_n_proc_DA')}, "
           f"{args.rounds} rounds × {args.iterations} iterations")
-    print(f"{'trainer':22s}{'median s/it':>13s}{'rounds':>30s}")
+    print(f"{'trainer':30s}{'median s/it':>13s}{'rounds':>30s}")
     for name, values in times.items():
-        print(f"{name:22s}{statistics.median(values):13.3f}{'  '.join(f'{v:.3f}' for v in values):>30s}")
-    ratio = statistics.median(times["nnUNetTrainerMASS"]) / statistics.median(times["nnUNetTrainer"])
-    print(f"P2 = nnUNetTrainerMASS / nnUNetTrainer iteration time = {ratio:.2f}")
+        print(f"{name:30s}{statistics.median(values):13.3f}{'  '.join(f'{v:.3f}' for v in values):>30s}")
+    for name in list(trainers)[1:]:
+        ratio = statistics.median(times[name]) / statistics.median(times["nnUNetTrainer"])
+        print(f"P2 = {name} / nnUNetTrainer iteration time = {ratio:.2f}")
 
 
 if __name__ == "__main__":
