@@ -101,6 +101,19 @@ def test_cli_incontext_head_trains_predicts_and_refuses_bad_combinations(uninter
     final = load_nnunet_checkpoint(fold / "checkpoint_final.pth")["network_weights"]
     assert any(k.startswith("task_tokens.") for k in final) and any(k.startswith("mass.conditioning.") for k in final)
     assert "task tokens of" in "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    # --c on a finished run reloads the checkpoint (tokens included) into a rebuilt network: same predictions
+    import SimpleITK as sitk
+
+    def predictions():
+        return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+                for p in sorted((fold / "predictions_imagesTs").glob("*.nii.gz"))}
+
+    first = predictions()
+    again = run_cli("finetune", "-d", 712, "-w", uninterrupted, "--num-labeled", 1, "-tr", TINY, "--no-mirroring",
+                    "--c")
+    assert again.exit_code == 0 and "resuming from" in again.output, again.output
+    second = predictions()
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
 
     path, _, _ = weights  # a bare backbone weights file: no MASS checkpoint beside it
     auto = run_cli("finetune", "-d", 712, "-w", path, "--num-labeled", 1, "-tr", TINY, "--no-mirroring", "--epochs", 1,
