@@ -290,6 +290,8 @@ class nnUNetTrainerMASS(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         from mass_nnu.io import load_nnunet_checkpoint
 
+        if not self.was_initialized:  # before torch.load is redirected: initialize() reads the pretrained files
+            self.initialize()
         if isinstance(filename_or_checkpoint, dict):
             return super().load_checkpoint(filename_or_checkpoint)
         checkpoint = load_nnunet_checkpoint(filename_or_checkpoint)
