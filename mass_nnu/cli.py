@@ -66,12 +66,14 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
-                                                  help="Print the version and exit.")) -> None:
+def _main(ctx: typer.Context,
+          version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
     """MASS for nnU-Net. nnU-Net's folder variables are used when set, else ./mass_workspace/."""
     from mass_nnu.workspace import configure_environment
 
-    configure_environment()
+    if ctx.invoked_subcommand != "demo":  # the demo sets up its own workspace (--workspace)
+        configure_environment()
 
 
 for _name, _module, _func in COMMANDS:

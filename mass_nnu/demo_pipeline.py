@@ -48,7 +48,7 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
     if workspace:
         for var in NNUNET_FOLDERS:
             os.environ.pop(var, None)
-        configure_environment(Path(workspace))
+    configure_environment(Path(workspace) if workspace else None)
     os.environ.setdefault("nnUNet_n_proc_DA", str(os.cpu_count() or 2))  # nnU-Net's default (12) oversubscribes
     timings: dict[str, float] = {}
 
