@@ -25,6 +25,7 @@ TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epo
            "frozen_encoder_epochs", "mirroring", "seed", "transfer", "head")
 CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str, "head": str}
 TRANSFER_MODES = ("all", "encoder")  # "encoder": the decoder keeps nnU-Net's initialisation
+MAX_TOKEN_CASES = 16  # in-context head: class tokens are averaged over at most this many labelled cases
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -249,9 +250,10 @@ class nnUNetTrainerMASS(nnUNetTrainer):
             raise MassError(f"{path}: MASS weights do not fit this network ({str(e).splitlines()[0][:200]}); "
                             f"{plan_hint()}") from None
         train_keys, _ = self.do_split()
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
+        keys = list(train_keys)[:MAX_TOKEN_CASES]  # an average: more cases only cost memory and time
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
         cases = []
-        for key in train_keys:
+        for key in keys:
             data, seg, _, _ = dataset.load_case(key)
             cases.append((np.asarray(data[:], dtype=np.float32), np.asarray(seg[:])[0]))
         patch = tuple(int(p) for p in self.configuration_manager.patch_size)
@@ -261,9 +263,10 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         network.train(was_training)
         network.set_tokens(tokens.to(next(network.parameters()).device))
         self.weights_report = {"transferred": list(network.mass.state_dict()), "adapted": [], "skipped": [],
-                               "task_tokens_from": list(train_keys)}
+                               "task_tokens_from": keys}
         self.print_to_log_file(f"MASS weights from {path}: whole MASS model (in-context head); task tokens of "
-                               f"{network.num_tasks} classes encoded from {len(train_keys)} labelled case(s)")
+                               f"{network.num_tasks} classes encoded from {len(keys)} of {len(train_keys)} "
+                               f"labelled case(s)")
 
     def initialize(self):
         if self.seed is not None:
