@@ -58,16 +58,14 @@ def main() -> None:
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="mass_p2_")  # throw-away trainer outputs
 
     from mass_nnu.adapter.training import nnUNetTrainer
-    from pathlib import Path
-
-    from mass_nnu.finetuning.trainer import find_mass_checkpoint, nnUNetTrainerMASS, resolve_weights_path
-    from mass_nnu.io import load_checkpoint
+    from mass_nnu.finetuning.incontext_head import find_mass_checkpoint
+    from mass_nnu.finetuning.trainer import nnUNetTrainerMASS, resolve_weights_path
 
     trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None),
                 "nnUNetTrainerMASS": build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)}
     full = find_mass_checkpoint(resolve_weights_path(args.w)) if args.w else None
     if full:
-        head = {"head": "incontext", "mass_config": load_checkpoint(Path(full))["mass_config"]}
+        head = {"head": "incontext", "mass_config": full[1]["mass_config"]}
         trainers["nnUNetTrainerMASS incontext"] = build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device,
                                                         args.w, head)
     for trainer in trainers.values():  # warm-up: first batches, allocator, autotuning

@@ -116,9 +116,8 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
     from mass_nnu.adapter.datasets import dataset_name, raw_dir, results_root
     from mass_nnu.evaluation.report import write_report
-    from mass_nnu.finetuning.incontext_head import check_head
+    from mass_nnu.finetuning.incontext_head import choose_head
     from mass_nnu.finetuning.run import load_weights_file, prepare_plans
-    from mass_nnu.finetuning.trainer import find_mass_checkpoint
     from mass_nnu.adapter.training import fold_cases
 
     name = dataset_name(dataset)
@@ -130,9 +129,7 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
     train_cases, _ = fold_cases(name, plans, configuration, fold if fold == "all" else int(fold))
     out_dir = Path(out) if out else results_root() / name / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
-    check_head(head)
-    if head == "auto":
-        head = "incontext" if find_mass_checkpoint(weights_path) else "new"
+    head, _ = choose_head(head, weights_path)
     settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold), "epochs": epochs,
                 "iterations_per_epoch": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
                 "mirroring": mirroring, "head": head}

@@ -11,6 +11,8 @@ of task k, so the argmax equals in-context inference's rule "the highest sigmoid
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +26,37 @@ HEADS = ("new", "incontext")
 def check_head(head: str) -> None:
     if head not in (*HEADS, "auto"):
         raise MassError(f"--head {head}: choose auto, {' or '.join(HEADS)}")
+
+
+def find_mass_checkpoint(weights: Path) -> tuple[Path, dict] | None:
+    """The full MASS checkpoint (task encoder, conditioning, head) of a pretrained weights file, read: the file
+    itself when it is one, else ``checkpoint_final.pth`` beside it; None when there is none."""
+    from mass_nnu.io import load_checkpoint
+
+    for candidate in (weights, weights.parent / "checkpoint_final.pth"):
+        if candidate.is_file():
+            checkpoint = load_checkpoint(candidate)
+            if "mass_config" in checkpoint:
+                return candidate, checkpoint
+    return None
+
+
+def resolve_mass_checkpoint(weights: Path) -> tuple[Path, dict]:
+    found = find_mass_checkpoint(weights)
+    if found is not None:
+        return found
+    raise MassError(f"{weights}: the in-context head needs the full MASS checkpoint (checkpoint_final.pth of "
+                    f"'mass pretrain') beside the weights; use --head new to transfer the backbone only")
+
+
+def choose_head(head: str, weights: Path | None) -> tuple[str, dict | None]:
+    """The head a run uses ("new" or "incontext") and, for "incontext", the MASS config. No weights (the scratch
+    twin) means "new"; "auto" means "incontext" when the full MASS checkpoint is found, else "new"."""
+    check_head(head)
+    if weights is None or head == "new":
+        return "new", None
+    found = resolve_mass_checkpoint(weights) if head == "incontext" else find_mass_checkpoint(weights)
+    return ("incontext", found[1]["mass_config"]) if found else ("new", None)
 
 
 class InContextHeadNetwork(nn.Module):

@@ -136,9 +136,8 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     ``<fold folder>/mass_finetune_results.json``."""
     from mass_nnu.adapter import training
     from mass_nnu.finetuning.budget import budget_size, budget_tag, select_budget
-    from mass_nnu.finetuning.incontext_head import check_head
-    from mass_nnu.finetuning.trainer import (SCRATCH, TRAINERS, check_transfer_mode, find_mass_checkpoint,
-                                             resolve_mass_checkpoint)
+    from mass_nnu.finetuning.incontext_head import check_head, choose_head
+    from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, check_transfer_mode
     from mass_nnu.io import save_json_atomic
 
     name = dataset_name(dataset)
@@ -170,20 +169,14 @@ def finetune_dataset(dataset, configuration: str | None = None, fold="0", weight
     if checkpoint is not None:
         check_architecture(plans, configuration, dataset_json, checkpoint["network_weights"], weights_path)
     load_weights = None if scratch else weights_path
-    if load_weights is None:
-        head = "new"  # the scratch twin is plain nnU-Net
-    elif head == "auto":
-        head = "incontext" if find_mass_checkpoint(weights_path) else "new"
-        print(f"mass finetune: head {head} ("
-              + ("the whole MASS model, one in-context task per class" if head == "incontext" else
+    chosen, mass_config = choose_head(head, load_weights)  # the scratch twin is plain nnU-Net
+    if head == "auto" and load_weights is not None:
+        print(f"mass finetune: head {chosen} ("
+              + ("the whole MASS model, one in-context task per class" if chosen == "incontext" else
                  "no full MASS checkpoint beside the weights: backbone only, new segmentation head") + ")")
+    head = chosen
     if head == "incontext" and transfer != "all":
         raise MassError(f"--transfer {transfer}: applies to --head new (the in-context head uses the whole model)")
-    mass_config = None
-    if head == "incontext":
-        from mass_nnu.io import load_checkpoint
-
-        mass_config = load_checkpoint(resolve_mass_checkpoint(weights_path))["mass_config"]
 
     # label budget: checked and shown before training (the trainer draws the same subset in do_split)
     train_cases, val_cases = training.fold_cases(name, plans, configuration, fold)

@@ -51,25 +51,6 @@ class WarmupPolyLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def find_mass_checkpoint(weights: Path) -> Path | None:
-    """The full MASS checkpoint (task encoder, conditioning, head) of a pretrained weights file: the file itself
-    when it is one, else ``checkpoint_final.pth`` beside it; None when there is none."""
-    from mass_nnu.io import load_checkpoint
-
-    for candidate in (weights, weights.parent / "checkpoint_final.pth"):
-        if candidate.is_file() and "mass_config" in load_checkpoint(candidate):
-            return candidate
-    return None
-
-
-def resolve_mass_checkpoint(weights: Path) -> Path:
-    found = find_mass_checkpoint(weights)
-    if found is not None:
-        return found
-    raise MassError(f"{weights}: the in-context head needs the full MASS checkpoint (checkpoint_final.pth of "
-                    f"'mass pretrain') beside the weights; use --head new to transfer the backbone only")
-
-
 def resolve_weights_path(path: str | os.PathLike) -> Path:
     """A weights file, or a pretrained folder holding ``nnunet_pretrained_weights.pth``."""
     path = Path(path)
@@ -239,13 +220,12 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         """All MASS weights, then task tokens per class encoded from the labelled training cases."""
         import numpy as np
 
-        from mass_nnu.finetuning.incontext_head import class_tokens
-        from mass_nnu.io import load_checkpoint
+        from mass_nnu.finetuning.incontext_head import class_tokens, resolve_mass_checkpoint
 
-        path = resolve_mass_checkpoint(source)
+        path, checkpoint = resolve_mass_checkpoint(source)
         network = bare_network(self.network)
         try:
-            network.mass.load_state_dict(load_checkpoint(path)["network_weights"])
+            network.mass.load_state_dict(checkpoint["network_weights"])
         except RuntimeError as e:
             raise MassError(f"{path}: MASS weights do not fit this network ({str(e).splitlines()[0][:200]}); "
                             f"{plan_hint()}") from None
