@@ -12,6 +12,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+TINY_TRAINER = "nnUNetTrainerMASS_1epoch"  # one epoch of 2 iterations, no mirroring
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny networks on a busy 2-core machine run faster on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def nnunet_env(tmp_path, monkeypatch):
     """Fresh nnUNet_raw/preprocessed/results folders under tmp_path, registered with the trainer shim."""

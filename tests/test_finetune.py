@@ -12,19 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAINER as TINY
 from conftest import write_weights
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation and evaluation
-TINY = "nnUNetTrainerMASS_1epoch"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny networks on a busy 2-core machine run faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def encoder_equal(network, state: dict) -> bool:

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("nnUNet_def_n_proc", "1")
-TINY = "nnUNetTrainerMASS_1epoch"
+from conftest import TINY_TRAINER as TINY
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation and evaluation
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def incontext_trainer(pretrained: Path, experiment_env):
