@@ -22,13 +22,13 @@ from _common import plans_parser  # benchmarks/_common.py (the script's folder i
 
 def build(trainer_class, dataset: str, plans_identifier: str, configuration: str, device: str, weights,
           mass_finetune: dict | None = None):
-    from mass_nnu.adapter.datasets import load_dataset_json, load_plans
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.training import build_trainer
 
-    plans = load_plans(dataset, plans_identifier)
+    plans = Dataset.resolve(dataset).plans(plans_identifier)
     if mass_finetune:
         plans["mass_finetune"] = mass_finetune
-    trainer = build_trainer(trainer_class, plans, configuration, 0, load_dataset_json(dataset), device, False)
+    trainer = build_trainer(trainer_class, plans, configuration, 0, Dataset.resolve(dataset).dataset_json(), device, False)
     if hasattr(trainer, "pretrained_weights"):
         trainer.pretrained_weights = weights or "scratch"
     trainer.initialize()
@@ -58,8 +58,8 @@ def main() -> None:
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="mass_p2_")  # throw-away trainer outputs
 
     from mass_nnu.adapter.training import nnUNetTrainer
-    from mass_nnu.finetuning.incontext_head import find_mass_checkpoint
-    from mass_nnu.finetuning.trainer import nnUNetTrainerMASS, resolve_weights_path
+    from mass_nnu.finetuning.trainer import nnUNetTrainerMASS
+    from mass_nnu.model.artifacts import find_mass_checkpoint, resolve_weights_path
 
     trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None),
                 "nnUNetTrainerMASS": build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)}

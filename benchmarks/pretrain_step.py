@@ -91,13 +91,13 @@ def run_mass(args) -> dict:
 def run_nnunet(args) -> dict:
     import torch
 
-    from mass_nnu.adapter.datasets import load_dataset_json, load_plans
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.networks import configuration_manager, deep_supervision_scales
     from mass_nnu.adapter.training import build_trainer, nnUNetTrainer
 
     os.environ["nnUNet_results"] = os.path.join(args.scratch, "nnunet_results")
-    plans = load_plans(args.d, args.p)
-    dataset_json = load_dataset_json(args.d)
+    plans = Dataset.resolve(args.d).plans(args.p)
+    dataset_json = Dataset.resolve(args.d).dataset_json()
     trainer = build_trainer(nnUNetTrainer, plans, args.c, 0, dataset_json, args.device, False)
     trainer.initialize()
     device = trainer.device

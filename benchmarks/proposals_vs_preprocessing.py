@@ -24,14 +24,15 @@ def main() -> None:
     import numpy as np
 
     from mass_nnu.adapter import inference
-    from mass_nnu.adapter.datasets import load_plans
-    from mass_nnu.proposals.run import dataset_images, make_backend
+    from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.proposals.run import make_backend
 
-    plans = inference.plans_for(load_plans(args.d, args.p), args.c)
+    dataset = Dataset.resolve(args.d)
+    plans = inference.plans_for(dataset.plans(args.p), args.c)
     propose, _ = make_backend("supervoxel", args.seed, None, None, "cpu")
     rows = []
-    for case, files in list(dataset_images(args.d).items())[: args.cases]:
-        data, properties = inference.read_image([str(f) for f in files], plans)
+    for case, files in list(dataset.cases().items())[: args.cases]:
+        data, properties = inference.read_image([str(files[c]) for c in sorted(files)], plans)
         spacing = properties["spacing"]
         t0 = time.perf_counter()
         layers = propose(np.asarray(data[0], np.float32), spacing)

@@ -9,25 +9,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
+
+from mass_nnu.adapter.datasets import Dataset, raw_root
+from mass_nnu.model.artifacts import pretrained_folder
+from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
 
 DEMO_PRETRAIN_ID, DEMO_DOWNSTREAM_ID = 501, 502
 BASE_FEATURES = 8  # CPU preset: ResEnc M plans with 8..64 features instead of 32..256
 PLANS, CONFIG = f"nnUNetResEncUNetMPlans_f{BASE_FEATURES}", "3d_fullres"
-
-
-def _mass(*args) -> None:
-    """Run one `mass` command in-process; a failing step stops the demo with its own error."""
-    import typer
-
-    from mass_nnu.cli import app
-
-    typer.echo(f"\n$ mass {' '.join(map(str, args))}")
-    try:
-        app([str(a) for a in args], standalone_mode=False)
-    except SystemExit as e:  # typer.Exit inside a command
-        if e.code:
-            raise
-
 
 PRESETS = {
     "default": dict(pretrain_epochs=5, pretrain_iterations=12, finetune_epochs=10, finetune_iterations=12),
@@ -36,15 +26,12 @@ PRESETS = {
 }
 
 
-def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 6,
+def run_demo(run_command: Callable[[list[str]], None], workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 6,
              pretrain_iterations: int = 15, finetune_epochs: int = 6, finetune_iterations: int = 15,
              finetune_batch_size: int = 2,
              num_labeled: int = 2, num_pretrain: int = 20, num_train: int = 10, num_test: int = 5) -> dict:
-    import typer
-
-    from mass_nnu.adapter.datasets import raw_root, results_root
-    from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
-
+    """Run every stage with ``run_command(["plan", "-d", ...])`` (the CLI's own commands, in-process), then print
+    the summary. A failing step stops the demo with its own error."""
     if workspace:
         for var in NNUNET_FOLDERS:
             os.environ.pop(var, None)
@@ -54,7 +41,8 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
 
     def step(name, *args):
         start = time.time()
-        _mass(*args)
+        print(f"\n$ mass {' '.join(map(str, args))}")
+        run_command([str(a) for a in args])
         timings[name] = timings.get(name, 0.0) + time.time() - start
 
     if not list(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*")):
@@ -65,29 +53,27 @@ def run_demo(workspace: str | None = None, seed: int = 0, device: str = "cpu", p
     step("propose", "propose", "-d", DEMO_PRETRAIN_ID, "-np", 2)
     step("pretrain", "pretrain", "-d", DEMO_PRETRAIN_ID, "-p", PLANS, "-c", CONFIG, "--epochs", pretrain_epochs,
          "--iters-per-epoch", pretrain_iterations, "-device", device, "--seed", seed)
-    pretrained = results_root() / f"Dataset{DEMO_PRETRAIN_ID:03d}_MNIPretrain" / f"MASSPretrainer__{PLANS}__{CONFIG}"
+    pretrained = pretrained_folder(Dataset.resolve(DEMO_PRETRAIN_ID), PLANS, CONFIG)
     for tag, extra in (("finetune MASS", ("-w", pretrained)), ("finetune scratch", ("--scratch",))):
         step(tag, "finetune", "-d", DEMO_DOWNSTREAM_ID, "-p", PLANS, "-c", CONFIG, "--num-labeled", num_labeled,
              "--epochs", finetune_epochs, "--iters-per-epoch", finetune_iterations, "--batch-size",
              finetune_batch_size, "-device", device,
              "--seed", seed, *extra)
-    downstream = next(raw_root().glob(f"Dataset{DEMO_DOWNSTREAM_ID}_*"))
-    reference = sorted((downstream / "imagesTr").glob("*_0000.nii.gz"))[0]
-    out = results_root() / downstream.name / "mass_incontext_demo"
-    step("in-context", "segment", "-m", pretrained, "--ref", reference,
-         "--ref-mask", downstream / "labelsTr" / reference.name.replace("_0000", ""),
-         "-i", downstream / "imagesTs", "-o", out, "--gt", downstream / "labelsTs", "-device", device)
-    typer.echo("\n" + summary(timings, downstream.name, out))
+    downstream = Dataset.resolve(DEMO_DOWNSTREAM_ID)
+    reference = sorted(downstream.cases())[0]
+    out = downstream.results / "mass_incontext_demo"
+    step("in-context", "segment", "-m", pretrained, "--ref", downstream.image_file(reference),
+         "--ref-mask", downstream.label_file(reference), "-i", downstream.raw / "imagesTs", "-o", out,
+         "--gt", downstream.raw / "labelsTs", "-device", device)
+    print("\n" + summary(timings, downstream, out))
     return timings
 
 
-def summary(timings: dict, downstream: str, incontext_dir: Path) -> str:
-    from mass_nnu.adapter.datasets import results_root
-
+def summary(timings: dict, downstream: Dataset, incontext_dir: Path) -> str:
     lines = ["mass demo summary", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.0f} |", "", "| method | mean Dice on imagesTs |", "|---|---|"]
-    for path in sorted((results_root() / downstream).glob("*/fold_*/mass_finetune_results.json")):
+    for path in sorted(downstream.results.glob("*/fold_*/mass_finetune_results.json")):
         results = json.loads(path.read_text())
         if "test" in results["dice"]:
             method = "from scratch" if results["scratch"] else "MASS fine-tuned"

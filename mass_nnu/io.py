@@ -1,15 +1,23 @@
-"""Atomic file writes and safe checkpoint loading (``weights_only=True``, version and architecture checks)."""
+"""Atomic file writes, complete-image reading and safe checkpoint loading (``weights_only=True``, version and
+architecture checks)."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import pickle
 import re
 import tempfile
+import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+import torch
 
 from mass_nnu import __version__
 from mass_nnu.errors import MassError
@@ -57,6 +65,24 @@ def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
 
 
+def read_image(path: Path):
+    """SimpleITK's image, after checking the file is complete (ITK fills a truncated .nii.gz with zeros)."""
+    try:
+        image = sitk.ReadImage(str(path))
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        elif path.name.endswith(".nii"):
+            pixel_bytes = sitk.GetArrayViewFromImage(image).dtype.itemsize * image.GetNumberOfComponentsPerPixel()
+            if path.stat().st_size < int(np.prod(image.GetSize())) * pixel_bytes:
+                raise EOFError("file shorter than its header says")
+    except (RuntimeError, EOFError, OSError, zlib.error) as e:
+        detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else "unreadable"
+        raise MassError(f"{path}: not a readable image, corrupt or truncated ({detail})") from None
+    return image
+
+
 def architecture_fingerprint(state_dict: dict) -> str:
     """Hash of every (key, shape) except the segmentation heads (their class count is the task's, not the
     architecture's): equal fingerprints mean the weights load into the same network."""
@@ -81,8 +107,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> None:
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` atomically. The dict must hold only tensors and plain Python values."""
-    import torch
-
     checkpoint = {**checkpoint, "mass_nnu_version": __version__}
     remove_stale_temporaries(path)
     with atomic_path(path) as tmp:
@@ -92,9 +116,6 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 def _safe_torch_load(path: Path, numpy_scalars: bool = False) -> Any:
     """``torch.load(weights_only=True)`` on the CPU with one clear error per failure. ``numpy_scalars`` allows the
     numpy scalars nnU-Net's own checkpoints log (rebuilt from dtype and bytes; no code runs)."""
-    import numpy as np
-    import torch
-
     if not path.is_file():
         raise MassError(f"{path}: checkpoint not found")
     allowed = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in "?bhilqBHILQefdg"}] \
@@ -131,8 +152,6 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str | None = 
         raise MassError(f"{path}: not a mass-nnu checkpoint (no '{weights_key}' entry)")
     written_by = checkpoint.get("mass_nnu_version")
     if written_by is not None and written_by != __version__:
-        import warnings
-
         warnings.warn(f"{path}: written by mass-nnu {written_by}, this is {__version__}", stacklevel=2)
     found = checkpoint.get("architecture_fingerprint")
     if found is not None and isinstance(checkpoint[weights_key], dict) and \

@@ -64,7 +64,7 @@ def phantom_experiment(tmp_path_factory):
         os.environ[var] = str(root / sub)
     configure_environment(quiet=True)
     from mass_nnu.demo_data.phantom import write_phantom_dataset
-    from mass_nnu.planning import plan_datasets
+    from mass_nnu.planning.plan import plan_datasets
     from mass_nnu.proposals.run import propose_dataset
 
     write_phantom_dataset(711, "PhantomPre", 4, 0, shape=(32, 40, 40), seed=1, labelled=False)
@@ -86,9 +86,9 @@ def experiment_env(phantom_experiment, monkeypatch):
 @pytest.fixture()
 def private_copy(experiment_env, tmp_path, monkeypatch):
     """A private copy of the pretraining dataset (raw + preprocessed) that a test may damage."""
-    from mass_nnu.adapter.datasets import dataset_name
+    from mass_nnu.adapter.datasets import Dataset
 
-    name = dataset_name(experiment_env["pretrain"])
+    name = Dataset.resolve(experiment_env["pretrain"]).name
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         src = experiment_env["env"][var]
         dst = tmp_path / var
@@ -118,9 +118,9 @@ def write_weights(plans: dict, path: Path, channels: int = 1, seed: int = 0, con
 
 @pytest.fixture()
 def weights(experiment_env, tmp_path):
-    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.adapter.datasets import Dataset
 
-    plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
+    plans = Dataset.resolve(experiment_env["pretrain"]).plans(experiment_env["plans"])
     path = tmp_path / "nnunet_pretrained_weights.pth"
     return path, write_weights(plans, path), plans
 

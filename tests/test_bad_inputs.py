@@ -39,11 +39,12 @@ def assert_one_clear_error(result, *expected: str, root: Path | None = None) -> 
 # ---- a raw dataset that each test damages in one way ------------------------------------------------------------
 @pytest.fixture()
 def raw_dataset(nnunet_env):
-    from mass_nnu.dataset_checks import check_raw_dataset
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.demo_data.phantom import write_phantom_dataset
+    from mass_nnu.planning.raw_checks import check_raw_dataset
 
     folder = write_phantom_dataset(801, "Bad", 2, 0, shape=SHAPE, spacing=SPACING, seed=4)
-    assert check_raw_dataset(folder) == 2  # intact, it passes
+    assert check_raw_dataset(Dataset.resolve(folder.name)) == 2  # intact, it passes
     return folder
 
 

@@ -39,12 +39,12 @@ def test_budget_is_deterministic_nested_and_checked():
 
 
 def test_transfer_adapts_input_channels_and_refuses_other_architectures(experiment_env):
-    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.networks import build_network
     from mass_nnu.errors import MassError
     from mass_nnu.finetuning.trainer import transfer_weights
 
-    plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
+    plans = Dataset.resolve(experiment_env["pretrain"]).plans(experiment_env["plans"])
     source = build_network(plans, "3d_fullres", 1, 1).state_dict()
     target = build_network(plans, "3d_fullres", 2, 3)
     logged = []
@@ -69,17 +69,17 @@ def test_transfer_adapts_input_channels_and_refuses_other_architectures(experime
 
 
 def test_initialize_loads_encoder_and_scratch_twin_differs(weights, experiment_env):
-    from mass_nnu.adapter.datasets import load_dataset_json
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.training import build_trainer
     from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS
 
     path, state, _ = weights
-    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.adapter.datasets import Dataset
 
-    plans = load_plans(experiment_env["downstream"], experiment_env["plans"])
+    plans = Dataset.resolve(experiment_env["downstream"]).plans(experiment_env["plans"])
     networks = {}
     for mode in (str(path), SCRATCH):
-        trainer = build_trainer(TRAINERS[TINY], plans, "3d_fullres", 0, load_dataset_json(712), "cpu", False)
+        trainer = build_trainer(TRAINERS[TINY], plans, "3d_fullres", 0, Dataset.resolve(712).dataset_json(), "cpu", False)
         trainer.pretrained_weights = mode
         trainer.initialize()
         networks[mode] = trainer.network
@@ -153,9 +153,9 @@ def test_cli_budget_resume_scratch_twin_and_errors(weights, experiment_env, run_
 
 
 def test_weights_of_another_architecture_give_one_clear_error(experiment_env, run_cli, tmp_path):
-    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.adapter.datasets import Dataset
 
-    plans = load_plans(experiment_env["pretrain"], experiment_env["plans"])
+    plans = Dataset.resolve(experiment_env["pretrain"]).plans(experiment_env["plans"])
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [f // 2 for f in arch["features_per_stage"]]
     write_weights(plans, tmp_path / "other.pth")

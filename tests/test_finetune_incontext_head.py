@@ -17,17 +17,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def incontext_trainer(pretrained: Path, experiment_env):
-    from mass_nnu.adapter.datasets import load_dataset_json, load_plans
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.training import build_trainer, fold_cases
     from mass_nnu.finetuning.trainer import TRAINERS
     from mass_nnu.io import load_checkpoint
 
-    plans = load_plans(experiment_env["downstream"], experiment_env["plans"])
+    plans = Dataset.resolve(experiment_env["downstream"]).plans(experiment_env["plans"])
     plans["mass_finetune"] = {"head": "incontext", "seed": 0,
                               "mass_config": load_checkpoint(pretrained / "checkpoint_final.pth")["mass_config"],
                               "label_budget": {"num_labeled": 1, "fraction": None, "seed": 0}}
     fold_cases(712, plans, "3d_fullres", 0)  # splits_final.json for 4 cases, as mass finetune writes it
-    trainer = build_trainer(TRAINERS[TINY], plans, "3d_fullres", 0, load_dataset_json(712), "cpu", False)
+    trainer = build_trainer(TRAINERS[TINY], plans, "3d_fullres", 0, Dataset.resolve(712).dataset_json(), "cpu", False)
     trainer.pretrained_weights = str(pretrained)
     trainer.initialize()
     return trainer
@@ -35,8 +35,8 @@ def incontext_trainer(pretrained: Path, experiment_env):
 
 def test_network_starts_as_incontext_segmentation_of_the_labelled_case(uninterrupted, experiment_env):
     from mass_nnu.finetuning.incontext_head import InContextHeadNetwork
-    from mass_nnu.incontext.segment import Reference, encode_tasks
-    from mass_nnu.pretraining.model import load_mass_model
+    from mass_nnu.model.references import Reference, encode_tasks
+    from mass_nnu.model.artifacts import load_mass_model
 
     trainer = incontext_trainer(uninterrupted, experiment_env)
     network = trainer.network

@@ -51,7 +51,7 @@ def save_random_model(folder, plans: dict, seed: int = 0):
     import torch
 
     from mass_nnu.io import architecture_fingerprint, save_checkpoint
-    from mass_nnu.pretraining.model import build_mass_model
+    from mass_nnu.model.mass_model import build_mass_model
 
     torch.manual_seed(seed)
     model = build_mass_model(plans, "3d_fullres", 1, num_learned_tokens=2, task_encoder_blocks=1,
@@ -164,7 +164,7 @@ def test_sliding_window_and_export_against_an_oracle(workspace):
     from mass_nnu.adapter import inference
     from mass_nnu.incontext.common import Pretrained
     from mass_nnu.incontext.segment import foreground_box, predict_logits, to_label_map
-    from mass_nnu.pretraining.model import TaskTokens
+    from mass_nnu.model.mass_model import TaskTokens
 
     plans = phantom_plans()
     nnunet_plans = inference.plans_for(plans, "3d_fullres")
@@ -195,7 +195,8 @@ def test_multi_label_and_k_shot_tokens(workspace):
     import torch
 
     from mass_nnu.incontext.common import load_pretrained
-    from mass_nnu.incontext.segment import encode_tasks, load_reference, predict_logits, reference_crop
+    from mass_nnu.incontext.segment import load_reference, predict_logits
+    from mass_nnu.model.references import encode_tasks, reference_crop
 
     raw = workspace["raw"]
     pretrained = load_pretrained(workspace["model"])

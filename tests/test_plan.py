@@ -4,13 +4,13 @@ import pytest
 
 
 def test_transferred_plans_build_the_target_network(experiment_env):
-    from mass_nnu.adapter.datasets import preprocessed_dir
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.networks import build_network
-    from mass_nnu.adapter.planning import load_plans_file
+    from mass_nnu.adapter.datasets import Dataset
 
     plans_id = experiment_env["plans"]
-    target = load_plans_file(712, plans_id)
-    moved = load_plans_file(711, plans_id)
+    target = Dataset.resolve(712).plans(plans_id)
+    moved = Dataset.resolve(711).plans(plans_id)
     assert moved["dataset_name"] == "Dataset711_PhantomPre"
     assert moved["mass_transfer"]["architecture_from"] == "Dataset712_PhantomSeg"
     config = "3d_fullres"
@@ -20,16 +20,16 @@ def test_transferred_plans_build_the_target_network(experiment_env):
     assert list(a) == list(b)
     assert all(a[k].shape == b[k].shape for k in a)
     # nnU-Net issue 2560: the transferred dataset has its own dataset.json beside the plans, and is preprocessed
-    meta = json.loads((preprocessed_dir(711) / "dataset.json").read_text())
+    meta = json.loads((Dataset.resolve(711).preprocessed / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "foreground": 1}
-    data_folder = preprocessed_dir(711) / moved["configurations"][config]["data_identifier"]
+    data_folder = Dataset.resolve(711).preprocessed / moved["configurations"][config]["data_identifier"]
     assert len(list(data_folder.glob("*.b2nd"))) >= 4
 
 
 def test_transfer_keeps_own_normalisation(experiment_env, nnunet_env):
     """An MRI cohort planned with a CT target keeps z-score normalisation and its own intensity statistics."""
     from mass_nnu.demo_data.phantom import write_phantom_dataset
-    from mass_nnu.planning import transfer_plans
+    from mass_nnu.planning.transfer import transfer_plans
 
     ct_plans = json.loads(json.dumps(_ct_plans(experiment_env)))
     folder = write_phantom_dataset(801, "FakeMR", 2, 0, labelled=False)
@@ -61,7 +61,7 @@ def test_plan_cli_several_pretraining_datasets(nnunet_env, run_cli):
     import shutil
 
     from mass_nnu.adapter.networks import build_network
-    from mass_nnu.adapter.planning import load_plans_file
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.demo_data.phantom import write_phantom_dataset
 
     write_phantom_dataset(805, "PlanMe", 3, 0, shape=(24, 32, 32))
@@ -74,7 +74,7 @@ def test_plan_cli_several_pretraining_datasets(nnunet_env, run_cli):
     table = result.stdout[result.stdout.index("dataset | spacing"):].splitlines()
     assert [row.split(" | ")[0] for row in table[1:4]] == ["Dataset805_PlanMe", "Dataset806_PreA", "Dataset807_PreB"]
     assert all("ResidualEncoderUNet" in row and "CTNormalization" in row for row in table[1:4])
-    target = build_network(load_plans_file(805, "nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
+    target = build_network(Dataset.resolve(805).plans("nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
     for dataset_id in (806, 807):
-        moved = build_network(load_plans_file(dataset_id, "nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
+        moved = build_network(Dataset.resolve(dataset_id).plans("nnUNetResEncUNetMPlans"), "3d_fullres", 1, 2).state_dict()
         assert {k: v.shape for k, v in moved.items()} == {k: v.shape for k, v in target.items()}

@@ -8,13 +8,13 @@ import pytest
 
 
 def _sampler(experiment, max_tasks=13):
-    from mass_nnu.adapter.planning import load_plans_file
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.preprocessed import data_folder
     from mass_nnu.pretraining.sampling import CaseSource, SamplerSettings, TaskSampler, prepare_proposals
 
-    plans = load_plans_file(experiment["pretrain"], experiment["plans"])
+    plans = Dataset.resolve(experiment["pretrain"]).plans(experiment["plans"])
     folder, cases = prepare_proposals(experiment["pretrain"], plans, experiment["configuration"])
-    data_dir = data_folder(experiment["pretrain"], plans, experiment["configuration"])
+    data_dir = data_folder(Dataset.resolve(experiment["pretrain"]), plans, experiment["configuration"])
     patch = plans["configurations"][experiment["configuration"]]["patch_size"]
     sources = [CaseSource(data_dir, folder, c) for c in cases]
     return TaskSampler(sources, patch, SamplerSettings(max_tasks=max_tasks)), folder, data_dir, cases

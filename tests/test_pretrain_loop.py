@@ -18,7 +18,7 @@ def test_outputs_load_safely_and_transfer_to_nnunet(uninterrupted, experiment_en
 
     from mass_nnu.adapter.networks import build_network
     from mass_nnu.io import architecture_fingerprint
-    from mass_nnu.pretraining.model import load_mass_model
+    from mass_nnu.model.artifacts import load_mass_model
 
     out = uninterrupted
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "nnunet_pretrained_weights.pth", "plans.json",

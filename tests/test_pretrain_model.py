@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mass_nnu.errors import MassError
-from mass_nnu.pretraining.loss import InContextLoss, deep_supervision_weights, dice_per_task, downsample_target
-from mass_nnu.pretraining.model import MASSModel, TaskTokens, build_mass_model, load_mass_model
+from mass_nnu.model.loss import InContextLoss, deep_supervision_weights, dice_per_task, downsample_target
+from mass_nnu.model.artifacts import load_mass_model
+from mass_nnu.model.mass_model import MASSModel, TaskTokens, build_mass_model
 
 ARCHS = {
     "res": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
@@ -291,13 +292,13 @@ def test_model_on_plans_from_mass_plan(nnunet_env, run_cli):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from mass_nnu.adapter.datasets import load_plans
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.demo_data.phantom import write_phantom_dataset
 
     write_phantom_dataset(981, "MassModelPhantom", num_train=3, shape=(24, 32, 32))
     result = run_cli("plan", "-d", "981", "-np", "1", "--no-pp")
     assert result.exit_code == 0, result.output
-    plans = load_plans(981, "nnUNetResEncUNetMPlans")
+    plans = Dataset.resolve(981).plans("nnUNetResEncUNetMPlans")
     pm = PlansManager(plans)
     cm = pm.get_configuration("3d_fullres")
     trainer_net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 7, True)

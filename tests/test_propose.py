@@ -45,12 +45,12 @@ def test_deterministic_and_resumable(phantom):
 
 
 def test_out_id_writes_a_new_dataset(phantom, run_cli):
-    from mass_nnu.adapter.datasets import raw_dir
+    from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.proposals.run import propose_dataset
 
     result = run_cli("propose", "-d", "720", "--shard", "0/4", "--out-id", "730")
     assert result.exit_code == 0, result.output
-    out = raw_dir(730)
+    out = Dataset.resolve(730).raw
     assert out.name == "Dataset730_PropPh" and not (phantom / "proposalsTr").exists()
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(p.name for p in (phantom / "imagesTr").iterdir())
     assert len(list((out / "proposalsTr").glob("*.npz"))) == 1

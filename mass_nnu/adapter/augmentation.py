@@ -3,21 +3,21 @@ all masks of a view (masks travel as the 'segmentation' channels)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
+from batchgeneratorsv2.helpers.scalar_type import RandomScalar  # noqa: F401
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 
 def view_transforms(patch_size, strong: bool):
     """Reference view = weak (affine p 0.5, mild intensity); query view = strong (affine p 0.8 with stronger
     brightness, gamma, contrast, blur and noise). Rotation ±30°, scaling ±30 % (the paper's settings)."""
-    from batchgeneratorsv2.helpers.scalar_type import RandomScalar  # noqa: F401
-    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
-    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
-    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-    from batchgeneratorsv2.transforms.utils.random import RandomTransform
-
     p_affine = 0.8 if strong else 0.5
     angle = np.deg2rad(30)
     transforms = [SpatialTransform(
@@ -52,8 +52,6 @@ def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
     """image (C, *S), masks (K, *S) uint8 -> torch tensors (C, *P), (K, *P) with one spatial draw for both.
     batchgeneratorsv2 draws from numpy's and torch's global generators: ``seed`` drives them here and their
     previous states come back afterwards, so a sample depends on its seed only (exact resume, any -np)."""
-    import torch
-
     numpy_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):

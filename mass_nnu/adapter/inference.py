@@ -7,12 +7,23 @@ plans' reader/writer (``SimpleITKIO``), so the header (spacing, origin, directio
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from mass_nnu.adapter.networks import configuration_manager
 from mass_nnu.errors import MassError
+from mass_nnu.io import atomic_path
 
 
 @dataclass
@@ -31,10 +42,6 @@ class Plans:
 
 
 def plans_for(plans: dict, configuration: str) -> Plans:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from mass_nnu.adapter.networks import configuration_manager
-
     return Plans(PlansManager(plans), configuration_manager(plans, configuration))
 
 
@@ -80,26 +87,16 @@ def preprocess(data: np.ndarray, seg: np.ndarray | None, properties: dict, plans
 
 def pad_to_patch(array, patch_size):
     """Pad (C, *S) with zeros (centred, like nnU-Net's predictor) to at least the patch size; returns the slicer back."""
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
-
     return pad_nd_image(array, tuple(patch_size), "constant", None, True)
 
 
 def tile_starts(shape, patch_size, step_size: float) -> list[tuple[int, ...]]:
     """Start coordinates of the sliding-window tiles over ``shape`` (nnU-Net's step rule)."""
-    import itertools
-
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
     steps = compute_steps_for_sliding_window(tuple(shape), tuple(patch_size), step_size)
     return list(itertools.product(*steps))
 
 
 def gaussian_importance(patch_size, device):
-    import torch
-
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-
     return compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32,
                             device=torch.device(device))
 
@@ -107,9 +104,6 @@ def gaussian_importance(patch_size, device):
 def logits_to_original(logits, properties: dict, plans: Plans) -> np.ndarray:
     """(K+1, *S') logits on the preprocessed grid (channel 0 = background) -> argmax index map on the original
     image grid, through nnU-Net's export (resampling, un-cropping, un-transposing)."""
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
     labels = {"background": 0, **{f"task_{i}": i for i in range(1, logits.shape[0])}}
     label_manager = LabelManager(labels, regions_class_order=None)
     return convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -118,8 +112,6 @@ def logits_to_original(logits, properties: dict, plans: Plans) -> np.ndarray:
 
 def write_segmentation(seg: np.ndarray, path: Path, properties: dict, plans: Plans) -> None:
     """Write with the plans' reader/writer (same header as the image the properties were read from), atomically."""
-    from mass_nnu.io import atomic_path
-
     dtype = np.uint8 if seg.max(initial=0) < 256 else np.uint16
     with atomic_path(path) as tmp:
         plans.reader_writer.write_seg(seg.astype(dtype), str(tmp), properties)
@@ -127,8 +119,6 @@ def write_segmentation(seg: np.ndarray, path: Path, properties: dict, plans: Pla
 
 def keep_largest_component(label_map: np.ndarray, label: int) -> np.ndarray:
     """nnU-Net's post-processing: all but the largest connected component of ``label`` become background."""
-    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
-
     if not np.any(label_map == label):
         return label_map
     return remove_all_but_largest_component_from_segmentation(label_map, label)
@@ -136,22 +126,5 @@ def keep_largest_component(label_map: np.ndarray, label: int) -> np.ndarray:
 
 def dice(reference: np.ndarray, prediction: np.ndarray, label: int) -> float:
     """nnU-Net's Dice (NaN when the label is absent from both)."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
-
     tp, fp, fn, _ = compute_tp_fp_fn_tn(reference == label, prediction == label)
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else float("nan")
-
-
-def preprocessed_cases(folder: Path) -> list[str]:
-    """Case identifiers of an nnU-Net preprocessed data folder (blosc2 or npz)."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    return sorted(infer_dataset_class(str(folder)).get_identifiers(str(folder)))
-
-
-def load_preprocessed(folder: Path, case_id: str) -> np.ndarray:
-    """The preprocessed image (C, *S) of one case, as nnU-Net's data loader reads it."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    data, _, _, _ = infer_dataset_class(str(folder))(str(folder), [case_id]).load_case(case_id)
-    return np.asarray(data[:], dtype=np.float32)

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
 from mass_nnu.errors import MassError
 
 
@@ -23,8 +29,6 @@ class UNetParts:
 
 
 def configuration_manager(plans: dict, configuration: str):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     manager = PlansManager(plans)
     if configuration not in manager.available_configurations:
         raise MassError(f"plans '{manager.plans_name}': no configuration '{configuration}' "
@@ -42,8 +46,6 @@ def build_network(plans: dict, configuration: str, num_input_channels: int, num_
 def build_from_configuration(manager, num_input_channels: int, num_output_channels: int = 1,
                              deep_supervision: bool = True):
     """``build_network`` from an nnU-Net ``ConfigurationManager`` (what trainers and the predictor hold)."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
     return get_network_from_plans(manager.network_arch_class_name, manager.network_arch_init_kwargs,
                                   manager.network_arch_init_kwargs_req_import, num_input_channels,
                                   num_output_channels, allow_init=True, deep_supervision=deep_supervision)
@@ -51,9 +53,6 @@ def build_from_configuration(manager, num_input_channels: int, num_output_channe
 
 def unet_parts(network) -> UNetParts:
     """Encoder and decoder submodules of a PlainConvUNet / ResidualEncoderUNet (any UNetDecoder-based net)."""
-    from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-
     decoder = getattr(network, "decoder", None)
     encoder = getattr(network, "encoder", None)
     if not isinstance(decoder, UNetDecoder) or encoder is None or not getattr(encoder, "return_skips", False):
@@ -68,7 +67,5 @@ def unet_parts(network) -> UNetParts:
 
 def deep_supervision_scales(plans: dict, configuration: str) -> list[list[float]]:
     """nnU-Net's ``_get_deep_supervision_scales``: one scale per decoder output, full resolution first."""
-    import numpy as np
-
     pools = configuration_manager(plans, configuration).pool_op_kernel_sizes
     return [list(map(float, s)) for s in 1 / np.cumprod(np.vstack(pools), axis=0)][:-1]

@@ -1,15 +1,25 @@
 """nnU-Net's training machinery: the trainer base class, trainer construction, splits, resume, prediction and
-evaluation. Imports nnunetv2 at module level: import this module lazily (inside functions)."""
+evaluation."""
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: F401  (base of nnUNetTrainerMASS)
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from mass_nnu.adapter.datasets import dataset_name, preprocessed_dir
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.preprocessed import data_folder, preprocessed_case_ids
 from mass_nnu.errors import MassError
+from mass_nnu.io import load_nnunet_checkpoint, save_json_atomic
 
 DEFAULT_PLANS = "nnUNetResEncUNetMPlans"
 
@@ -21,56 +31,28 @@ def bare_network(network):
 
 
 def num_input_channels(plans: dict, configuration: str, dataset_json: dict) -> int:
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     manager = PlansManager(plans)
     return determine_num_input_channels(manager, manager.get_configuration(configuration), dataset_json)
 
 
 def num_segmentation_heads(plans: dict, dataset_json: dict) -> int:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     return PlansManager(plans).get_label_manager(dataset_json).num_segmentation_heads
 
 
-def data_identifier(plans: dict, configuration: str) -> str:
-    from mass_nnu.adapter.networks import configuration_manager
-
-    return configuration_manager(plans, configuration).data_identifier
-
-
-def preprocessed_cases(dataset, plans: dict, configuration: str) -> list[str]:
-    """Case identifiers preprocessed for this configuration ([] when not preprocessed yet)."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    folder = preprocessed_dir(dataset) / data_identifier(plans, configuration)
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return []
-    try:
-        return sorted(infer_dataset_class(str(folder)).get_identifiers(str(folder)))
-    except (RuntimeError, AssertionError):
-        return []
-
-
-def fold_cases(dataset, plans: dict, configuration: str, fold) -> tuple[list[str], list[str]]:
+def fold_cases(dataset: Dataset, plans: dict, configuration: str, fold) -> tuple[list[str], list[str]]:
     """(train, val) case identifiers of a fold, exactly as nnU-Net's ``do_split`` chooses them; writes nnU-Net's
     seeded 5-fold ``splits_final.json`` when it is missing, like the trainer would (with fewer than 5 cases,
     where nnU-Net would crash: one fold per case)."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-    from mass_nnu.io import save_json_atomic
-
-    cases = preprocessed_cases(dataset, plans, configuration)
+    dataset = Dataset.resolve(dataset)
+    cases = preprocessed_case_ids(data_folder(dataset, plans, configuration))
     if fold == "all":
         return cases, cases
-    splits_file = preprocessed_dir(dataset) / "splits_final.json"
+    splits_file = dataset.preprocessed / "splits_final.json"
     if not splits_file.is_file():
         if len(cases) < 2:
-            raise MassError(f"{preprocessed_dir(dataset)}: {len(cases)} preprocessed case(s); a fold needs at least "
+            raise MassError(f"{dataset.preprocessed}: {len(cases)} preprocessed case(s); a fold needs at least "
                             f"2 (or use -f all)")
         save_json_atomic(generate_crossval_split(cases, seed=12345, n_splits=min(5, len(cases))), splits_file)
-    import json
 
     splits = json.loads(splits_file.read_text())
     if not 0 <= int(fold) < len(splits):
@@ -82,8 +64,6 @@ def fold_cases(dataset, plans: dict, configuration: str, fold) -> tuple[list[str
 def build_trainer(trainer_class, plans: dict, configuration: str, fold, dataset_json: dict, device: str,
                   continue_training: bool):
     """Construct a trainer the way ``nnUNetv2_train`` does (plans need the ``continue_training`` key)."""
-    import torch
-
     plans = {**plans, "continue_training": continue_training}
     return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                          device=torch.device(device))
@@ -93,8 +73,6 @@ def build_trainer(trainer_class, plans: dict, configuration: str, fold, dataset_
 def reading_preloaded_checkpoint(checkpoint: dict):
     """Make nnU-Net's ``load_checkpoint(filename)`` use a checkpoint we already read with ``weights_only=True``:
     nnU-Net 2.8 reads files with ``weights_only=False`` and its dict branch fails ('checkpoint' unbound)."""
-    import torch
-
     original = torch.load
     torch.load = lambda *args, **kwargs: checkpoint
     try:
@@ -113,10 +91,6 @@ def resume_if_possible(trainer) -> str | None:
     return None
 
 
-def final_checkpoint(trainer) -> Path:
-    return Path(trainer.output_folder) / "checkpoint_final.pth"
-
-
 def train_and_validate(trainer, save_probabilities: bool) -> None:
     """``nnUNetv2_train``'s sequence: run_training (skipped when already finished), then final validation."""
     if trainer.current_epoch < trainer.num_epochs:
@@ -129,11 +103,6 @@ def train_and_validate(trainer, save_probabilities: bool) -> None:
 def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: Path, device: str,
                    mirroring: bool) -> None:
     """nnU-Net's predictor on every image of ``input_folder`` (sequential: no worker processes)."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from mass_nnu.io import load_nnunet_checkpoint
-
     load_nnunet_checkpoint(model_folder / f"fold_{fold}" / "checkpoint_final.pth")  # refuse pickles first
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=device != "cpu", device=torch.device(device),
@@ -147,9 +116,6 @@ def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: 
 def evaluate_folder(reference_folder: Path, prediction_folder: Path, plans: dict, dataset_json: dict,
                     output_file: Path) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` with the plans' reader and the dataset's labels/regions."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     manager = PlansManager(plans)
     label_manager = manager.get_label_manager(dataset_json)
     return compute_metrics_on_folder(str(reference_folder), str(prediction_folder), str(output_file),
@@ -160,12 +126,4 @@ def evaluate_folder(reference_folder: Path, prediction_folder: Path, plans: dict
 
 
 def default_processes() -> int:
-    from nnunetv2.configuration import default_num_processes
-
     return int(os.environ.get("nnUNet_def_n_proc", default_num_processes))
-
-
-def results_folder(dataset, trainer_name: str, plans_identifier: str, configuration: str) -> Path:
-    from mass_nnu.adapter.datasets import results_root
-
-    return results_root() / dataset_name(dataset) / f"{trainer_name}__{plans_identifier}__{configuration}"

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
 from mass_nnu.errors import MassError
 
 
 def verify_raw_dataset(folder: Path, num_processes: int = 1) -> None:
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-
     try:
         verify_dataset_integrity(str(folder), num_processes=num_processes)
     except (AssertionError, RuntimeError, FileNotFoundError) as e:

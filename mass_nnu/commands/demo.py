@@ -44,6 +44,7 @@ def demo_data(
 
 
 def demo(
+    ctx: typer.Context,
     workspace: str = typer.Option(None, "--workspace", help="Use this folder for the nnU-Net folders (default: as set, else ./mass_workspace)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "-device", help="cpu or cuda"),
@@ -52,4 +53,11 @@ def demo(
     """Run the whole pipeline on the small MNI demo data and print a summary (≤ 15 min on 2 CPU cores)."""
     from mass_nnu.demo_pipeline import PRESETS, run_demo
 
-    run_demo(workspace=workspace, seed=seed, device=device, **PRESETS["quick" if quick else "default"])
+    root = ctx.find_root().command  # this `mass` command line: each step runs one of its commands in-process
+
+    def run_command(args: list[str]) -> None:
+        code = root.main(args, prog_name="mass", standalone_mode=False)  # a failed step has printed its error
+        if isinstance(code, int) and code:
+            raise typer.Exit(code)
+
+    run_demo(run_command, workspace=workspace, seed=seed, device=device, **PRESETS["quick" if quick else "default"])

@@ -32,7 +32,10 @@ def finetune(
 ) -> None:
     """Fine-tune nnU-Net from MASS weights with an optional label budget; evaluate on imagesTs/labelsTs."""
     from mass_nnu.finetuning.run import finetune_dataset
+    from mass_nnu.finetuning.settings import FinetuneSettings
 
-    finetune_dataset(dataset, configuration, fold, weights, plans, num_labeled, fraction, scratch, epochs,
-                     iterations, device, continue_training, npz, seed, not no_mirroring, trainer, num_processes,
-                     batch_size, lr, transfer, head)
+    settings = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iterations, initial_lr=lr,
+                                batch_size=batch_size, mirroring=not no_mirroring, seed=seed, transfer=transfer,
+                                head=head, num_labeled=num_labeled, fraction=fraction)
+    finetune_dataset(dataset, settings, weights, scratch, plans, configuration, fold, trainer, device,
+                     continue_training, npz, num_processes)

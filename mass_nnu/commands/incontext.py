@@ -55,7 +55,8 @@ def embed(
     """Frozen-encoder features (average + max pooled at several scales), one row per case."""
     from mass_nnu.errors import MassError
     from mass_nnu.incontext.common import load_pretrained
-    from mass_nnu.incontext.features import dataset_volumes, embed as embed_cases, file_volumes
+    from mass_nnu.incontext.features import dataset_volumes, file_volumes
+    from mass_nnu.incontext.features import embed as embed_cases
 
     if (inputs is None) == (dataset is None):
         raise MassError("mass embed: give either -i FILES/FOLDERS or -d DATASET")

@@ -19,7 +19,7 @@ def plan(
                                                 help="U-Net width of the first stage (nnU-Net: 32); smaller = CPU preset, plans '<name>_f<N>'."),
 ) -> None:
     """Fingerprint, plan and preprocess with nnU-Net; pretraining datasets can take a target's architecture."""
-    from mass_nnu.planning import plan_datasets, summary_table
+    from mass_nnu.planning.plan import plan_datasets, summary_table
 
     identifier = plan_datasets(dataset, planner, configuration, num_processes, target_dataset,
                                preprocess=not no_preprocess, verify=verify, base_features=base_features)

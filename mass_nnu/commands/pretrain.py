@@ -29,7 +29,8 @@ def pretrain(
     import os
     from pathlib import Path
 
-    from mass_nnu.pretraining.trainer import PretrainSettings, pretrain as run
+    from mass_nnu.pretraining.trainer import PretrainSettings
+    from mass_nnu.pretraining.trainer import pretrain as run
 
     workers = num_processes if num_processes is not None else int(os.environ.get("nnUNet_n_proc_DA", "2"))
     settings = PretrainSettings(epochs=epochs, iterations_per_epoch=iters_per_epoch, val_iterations=val_iters,

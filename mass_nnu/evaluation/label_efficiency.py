@@ -7,11 +7,26 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+from tqdm import tqdm
+
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.training import fold_cases
 from mass_nnu.errors import MassError
+from mass_nnu.evaluation.report import write_report
+from mass_nnu.finetuning.budget import select_budget
+from mass_nnu.finetuning.incontext_head import choose_head
+from mass_nnu.finetuning.run import finetune_dataset
+from mass_nnu.finetuning.settings import FinetuneSettings
+from mass_nnu.incontext.common import load_pretrained
+from mass_nnu.incontext.segment import mean_dice, segment_cases
 from mass_nnu.io import save_json_atomic
+from mass_nnu.model.artifacts import load_weights_file
+from mass_nnu.planning.plan import ensure_plans
 
 METHODS = ("mass", "scratch")
 
@@ -39,8 +54,6 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
               run_one: Callable[[str, int, int], dict], settings: dict | None = None) -> list[dict]:
     """Run every missing cell with ``run_one(method, num_labeled, seed) -> {mean_dice, per_structure}``. A saved
     cell is reused only when it was run with the same ``settings`` (schedule, weights, head, ...)."""
-    from tqdm import tqdm
-
     grid = [(m, b, n, s) for b, n in budgets for s in range(seeds) for m in methods]
     cells = []
     for method, budget, num_labeled, seed in tqdm(grid, desc="benchmark cells", unit="cell", disable=None):
@@ -63,15 +76,11 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
     return cells
 
 
-def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, device, mirroring, batch_size,
-                   learning_rate, head):
-    from mass_nnu.finetuning.run import finetune_dataset
-
+def _finetune_cell(dataset: Dataset, weights, configuration, fold, device, settings: FinetuneSettings):
     def run_one(method: str, num_labeled: int, seed: int) -> dict:
-        results = finetune_dataset(dataset, configuration=configuration, fold=fold, weights=weights,
-                                   num_labeled=num_labeled, scratch=method == "scratch", epochs=epochs,
-                                   iterations_per_epoch=iterations, device=device, seed=seed, mirroring=mirroring,
-                                   batch_size=batch_size, learning_rate=learning_rate, head=head)
+        results = finetune_dataset(dataset, replace(settings, num_labeled=num_labeled, seed=seed), weights=weights,
+                                   scratch=method == "scratch", configuration=configuration, fold=fold,
+                                   device=device)
         if "test" not in results["dice"]:
             raise MassError(f"{results['model_folder']}: no test Dice; the benchmark needs imagesTs and labelsTs")
         table = dict(results["dice"]["test"])
@@ -81,27 +90,18 @@ def _finetune_cell(dataset, weights, configuration, fold, epochs, iterations, de
     return run_one
 
 
-def _incontext_cell(dataset, weights, device, train_cases: list[str], out_dir: Path):
+def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], out_dir: Path):
     """In-context segmentation of imagesTs with the first N of the seed's labelled subset as references."""
-    import numpy as np
-
-    from mass_nnu.adapter.datasets import load_dataset_json, raw_dir
-    from mass_nnu.finetuning.budget import select_budget
-    from mass_nnu.incontext.common import load_pretrained
-    from mass_nnu.incontext.segment import mean_dice, segment_cases
-
     folder = Path(weights)
     pretrained = load_pretrained(folder if folder.is_dir() else folder.parent, device=device)
-    raw = raw_dir(dataset)
-    meta = load_dataset_json(dataset)
-    ending = meta.get("file_ending", ".nii.gz")
+    meta = dataset.dataset_json()
     names = {str(v): k for k, v in meta["labels"].items() if not isinstance(v, list) and v != 0}
 
     def run_one(method: str, num_labeled: int, seed: int) -> dict:
         refs = select_budget(train_cases, num_labeled, None, seed)
-        references = [(raw / "imagesTr" / f"{c}_0000{ending}", raw / "labelsTr" / f"{c}{ending}") for c in refs]
-        results = segment_cases(pretrained, references, [raw / "imagesTs"], out_dir / f"n{num_labeled}_seed{seed}",
-                                gt_folder=raw / "labelsTs")
+        references = [(dataset.image_file(c), dataset.label_file(c)) for c in refs]
+        results = segment_cases(pretrained, references, [dataset.raw / "imagesTs"],
+                                out_dir / f"n{num_labeled}_seed{seed}", gt_folder=dataset.raw / "labelsTs")
         per_label = mean_dice(results)
         per_structure = {names.get(str(k), str(k)): float(v) for k, v in per_label.items() if str(k) != "mean"}
         return {"mean_dice": float(np.nanmean(list(per_structure.values()))), "per_structure": per_structure}
@@ -114,31 +114,26 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
                   out: str | None = None, mirroring: bool = False, batch_size: int | None = None,
                   learning_rate: float | None = None, head: str = "auto") -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
-    from mass_nnu.adapter.datasets import dataset_name, raw_dir, results_root
-    from mass_nnu.evaluation.report import write_report
-    from mass_nnu.finetuning.incontext_head import choose_head
-    from mass_nnu.finetuning.run import load_weights_file, prepare_plans
-    from mass_nnu.adapter.training import fold_cases
-
-    name = dataset_name(dataset)
-    if not (raw_dir(name) / "labelsTs").is_dir():
-        raise MassError(f"{raw_dir(name)}: no labelsTs; the benchmark evaluates on the held-out imagesTs/labelsTs")
+    dataset = Dataset.resolve(dataset)
+    if not (dataset.raw / "labelsTs").is_dir():
+        raise MassError(f"{dataset.raw}: no labelsTs; the benchmark evaluates on the held-out imagesTs/labelsTs")
     weights_path, checkpoint = load_weights_file(weights)
-    plans = prepare_plans(name, checkpoint["plans_identifier"], configuration,
-                          checkpoint["nnssl_adaptation_plan"]["pretrain_plan"], 2)
-    train_cases, _ = fold_cases(name, plans, configuration, fold if fold == "all" else int(fold))
-    out_dir = Path(out) if out else results_root() / name / "mass_benchmark"
+    plans = ensure_plans(dataset, checkpoint["plans_identifier"], configuration,
+                         checkpoint["nnssl_adaptation_plan"]["pretrain_plan"], 2)
+    train_cases, _ = fold_cases(dataset, plans, configuration, fold if fold == "all" else int(fold))
+    out_dir = Path(out) if out else dataset.results / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
     head, _ = choose_head(head, weights_path)
     settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold), "epochs": epochs,
                 "iterations_per_epoch": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
                 "mirroring": mirroring, "head": head}
-    finetune = _finetune_cell(name, weights_path, configuration, fold, epochs, iterations, device, mirroring,
-                              batch_size, learning_rate, head)
+    schedule = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iterations, initial_lr=learning_rate,
+                                batch_size=batch_size, mirroring=mirroring, head=head)
+    finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule)
     cells = run_cells(out_dir, parsed, seeds, METHODS, finetune, settings)
     if incontext:
-        run_ic = _incontext_cell(name, weights_path, device, train_cases, out_dir / "incontext")
+        run_ic = _incontext_cell(dataset, weights_path, device, train_cases, out_dir / "incontext")
         cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic,
                            {k: settings[k] for k in ("weights", "configuration", "fold")})
-    title = f"{name}: MASS vs scratch ({epochs} epochs × {iterations} iterations, {seeds} seed(s))"
+    title = f"{dataset}: MASS vs scratch ({epochs} epochs × {iterations} iterations, {seeds} seed(s))"
     return write_report(cells, out_dir, title)

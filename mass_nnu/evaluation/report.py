@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
 from mass_nnu.io import atomic_path, save_json_atomic
 
@@ -49,16 +51,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     budgets = sorted({r["num_labeled"] for r in rows})
     # matplotlib's own defaults: nnU-Net's progress plots (same process) change the global style and font scale
-    with plt.style.context("default"), matplotlib.rc_context({"font.size": 10}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    with matplotlib.style.context("default"), matplotlib.rc_context({"font.size": 10}):
+        fig = Figure(figsize=(6.4, 4.4))
+        ax = fig.subplots()
         for method in sorted({r["method"] for r in rows}):
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["num_labeled"])
             ax.errorbar([r["num_labeled"] for r in mine], [100 * r["dice_mean"] for r in mine],
@@ -76,7 +74,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
 
 
 def write_report(cells: list[dict], out_dir: Path, title: str) -> str:

@@ -1,6 +1,8 @@
 """Label budgets: a deterministic, seeded subset of a fold's training cases (validation and test untouched)."""
 from __future__ import annotations
 
+import numpy as np
+
 from mass_nnu.errors import MassError
 
 
@@ -26,20 +28,9 @@ def select_budget(train_cases, num_labeled: int | None = None, fraction: float |
                   seed: int = 0) -> list[str]:
     """Sorted subset of ``train_cases`` drawn with ``seed``; the same inputs always give the same subset, and a
     smaller budget with the same seed is a prefix-draw of the same permutation (budgets are nested)."""
-    import numpy as np
-
     cases = sorted(str(c) for c in train_cases)
     size = budget_size(len(cases), num_labeled, fraction)
     if size is None:
         return cases
     order = np.random.default_rng(seed).permutation(len(cases))
     return sorted(cases[i] for i in order[:size])
-
-
-def budget_tag(num_labeled: int | None, fraction: float | None, seed: int) -> str:
-    """Suffix naming a budget in plans identifiers: n2s0, f0.25s0, or '' for all labels."""
-    if num_labeled is not None:
-        return f"n{num_labeled}s{seed}"
-    if fraction is not None:
-        return f"f{fraction:g}s{seed}"
-    return ""

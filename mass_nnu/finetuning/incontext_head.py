@@ -17,42 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from mass_nnu.adapter.networks import build_from_configuration
 from mass_nnu.errors import MassError
-from mass_nnu.pretraining.model import MASSModel, TaskTokens
-
-HEADS = ("new", "incontext")
-
-
-def check_head(head: str) -> None:
-    if head not in (*HEADS, "auto"):
-        raise MassError(f"--head {head}: choose auto, {' or '.join(HEADS)}")
-
-
-def find_mass_checkpoint(weights: Path) -> tuple[Path, dict] | None:
-    """The full MASS checkpoint (task encoder, conditioning, head) of a pretrained weights file, read: the file
-    itself when it is one, else ``checkpoint_final.pth`` beside it; None when there is none."""
-    from mass_nnu.io import load_checkpoint
-
-    for candidate in (weights, weights.parent / "checkpoint_final.pth"):
-        if candidate.is_file():
-            checkpoint = load_checkpoint(candidate)
-            if "mass_config" in checkpoint:
-                return candidate, checkpoint
-    return None
-
-
-def resolve_mass_checkpoint(weights: Path) -> tuple[Path, dict]:
-    found = find_mass_checkpoint(weights)
-    if found is not None:
-        return found
-    raise MassError(f"{weights}: the in-context head needs the full MASS checkpoint (checkpoint_final.pth of "
-                    f"'mass pretrain') beside the weights; use --head new to transfer the backbone only")
+from mass_nnu.finetuning.settings import FinetuneSettings
+from mass_nnu.model.artifacts import find_mass_checkpoint, resolve_mass_checkpoint
+from mass_nnu.model.mass_model import MASSModel, TaskTokens, mass_model_around
+from mass_nnu.model.references import Reference, encode_tasks
 
 
 def choose_head(head: str, weights: Path | None) -> tuple[str, dict | None]:
     """The head a run uses ("new" or "incontext") and, for "incontext", the MASS config. No weights (the scratch
     twin) means "new"; "auto" means "incontext" when the full MASS checkpoint is found, else "new"."""
-    check_head(head)
+    FinetuneSettings(head=head).check()
     if weights is None or head == "new":
         return "new", None
     found = resolve_mass_checkpoint(weights) if head == "incontext" else find_mass_checkpoint(weights)
@@ -98,9 +74,6 @@ class InContextHeadNetwork(nn.Module):
 
 def build_incontext_network(configuration_manager, num_input_channels: int, num_output_channels: int,
                             mass_config: dict, deep_supervision: bool) -> InContextHeadNetwork:
-    from mass_nnu.adapter.networks import build_from_configuration
-    from mass_nnu.pretraining.model import mass_model_around
-
     backbone = build_from_configuration(configuration_manager, num_input_channels, 1, deep_supervision=True)
     network = InContextHeadNetwork(mass_model_around(backbone, **mass_config), num_output_channels)
     network.decoder.deep_supervision = deep_supervision
@@ -110,8 +83,6 @@ def build_incontext_network(configuration_manager, num_input_channels: int, num_
 def class_tokens(model: MASSModel, patch_size, cases, num_classes: int, log) -> TaskTokens:
     """Task tokens of classes 1..num_classes-1 from labelled cases [(image (C, *S), seg (*S))], averaged over the
     cases holding the class. A class no case holds gets the mean of the others (it cannot be learned anyway)."""
-    from mass_nnu.incontext.segment import Reference, encode_tasks
-
     references = [Reference(f"case {i}", data, seg, [int(v) for v in np.unique(seg) if v > 0])
                   for i, (data, seg) in enumerate(cases)]
     wanted = list(range(1, num_classes))

@@ -1,7 +1,7 @@
-"""`mass finetune`: plan/preprocess with the weights' plans, label budget, nnU-Net training, final validation,
-test-set prediction and evaluation, Dice table.
+"""`mass finetune`: resolve the weights → prepare plans, data and the label budget → train with nnU-Net →
+predict and evaluate the test set.
 
-Each run trains under a derived plans identifier ``<plans>_<mass|scratch>[_n<N>s<seed>|_f<F>s<seed>][_e<E>][_i<I>]``
+Each run trains under a derived plans identifier ``<plans>_<mass|scratch>[_n<N>s<seed>|_f<F>s<seed>][_e<E>][_i<I>]...``
 (a copy of the plans with ``pretrain_info`` and ``mass_finetune`` entries, same architecture, same preprocessed
 data), so budgets and the scratch twin get their own nnU-Net results folders and
 ``nnUNetv2_train/predict -p <derived plans>`` reproduce them.
@@ -9,88 +9,72 @@ data), so budgets and the scratch twin get their own nnU-Net results folders and
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mass_nnu.adapter.datasets import dataset_name, preprocessed_dir, raw_dir, results_root
+from mass_nnu.adapter import training
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.networks import build_network
+from mass_nnu.devices import check_device
 from mass_nnu.errors import MassError
+from mass_nnu.finetuning.budget import budget_size, select_budget
+from mass_nnu.finetuning.incontext_head import choose_head
+from mass_nnu.finetuning.settings import FinetuneSettings
+from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, architecture_mismatch, plan_hint
+from mass_nnu.io import save_json_atomic
+from mass_nnu.model.artifacts import find_pretrained_weights, load_weights_file
+from mass_nnu.planning.plan import ensure_plans
+
+DEFAULT_TRAINER = "nnUNetTrainerMASS"
 
 
-def find_pretrained_weights(configuration: str, plans_identifier: str | None) -> Path:
-    """The one ``MASSPretrainer`` weights file under nnUNet_results (MassError when none or several)."""
-    pattern = f"Dataset*/MASSPretrainer__{plans_identifier or '*'}__{configuration}/nnunet_pretrained_weights.pth"
-    found = sorted(results_root().glob(pattern))
-    if not found:
-        raise MassError(f"{results_root()}: no pretrained weights ({pattern}); run 'mass pretrain', pass -w, or "
-                        f"train from scratch with --scratch")
-    if len(found) > 1:
-        raise MassError(f"{results_root()}: several pretrained models, choose one with -w: "
-                        + ", ".join(str(p.parent) for p in found))
-    return found[0]
+@dataclass
+class Weights:
+    """The pretrained weights of a run (``path`` None: the from-scratch twin) and the plans they came with."""
+    path: Path | None
+    checkpoint: dict | None
+    plans_identifier: str
+    configuration: str
+
+    @property
+    def source_plans(self) -> dict | None:
+        return self.checkpoint["nnssl_adaptation_plan"]["pretrain_plan"] if self.checkpoint else None
 
 
-def load_weights_file(path) -> tuple[Path, dict]:
-    from mass_nnu.finetuning.trainer import resolve_weights_path
-    from mass_nnu.io import load_checkpoint
-
-    path = resolve_weights_path(path).resolve()  # absolute: recorded in the plans and compared on reruns
-    checkpoint = load_checkpoint(path)
-    plan = checkpoint.get("nnssl_adaptation_plan")
-    if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_plan"), dict):
-        raise MassError(f"{path}: no 'nnssl_adaptation_plan.pretrain_plan' (not written by 'mass pretrain')")
-    return path, checkpoint
+def resolve_weights(weights, scratch: bool, plans_identifier: str | None, configuration: str | None) -> Weights:
+    """The weights file (given, else the only one under nnUNet_results) with its plans and configuration; the
+    scratch twin without -w uses the given or default plans."""
+    if weights is None and scratch:
+        return Weights(None, None, plans_identifier or training.DEFAULT_PLANS, configuration or "3d_fullres")
+    path, checkpoint = load_weights_file(weights if weights is not None else
+                                         find_pretrained_weights(configuration or "3d_fullres", plans_identifier))
+    trained_with = checkpoint.get("plans_identifier") or checkpoint["nnssl_adaptation_plan"]["pretrain_plan"]["plans_name"]
+    if plans_identifier and plans_identifier != trained_with:
+        raise MassError(f"{path}: trained with plans '{trained_with}', not '{plans_identifier}'; drop -p to use the "
+                        f"weights' plans")
+    return Weights(path, checkpoint, trained_with, configuration or checkpoint.get("configuration", "3d_fullres"))
 
 
 def check_architecture(plans: dict, configuration: str, dataset_json: dict, weights: dict, source: Path) -> None:
     """One clear error when the dataset's plans build a network the weights do not fit."""
-    from mass_nnu.adapter.networks import build_network
-    from mass_nnu.adapter.training import num_input_channels, num_segmentation_heads
-    from mass_nnu.finetuning.trainer import architecture_mismatch, plan_hint
-
-    channels = num_input_channels(plans, configuration, dataset_json)
-    network = build_network(plans, configuration, channels, num_segmentation_heads(plans, dataset_json))
+    channels = training.num_input_channels(plans, configuration, dataset_json)
+    network = build_network(plans, configuration, channels, training.num_segmentation_heads(plans, dataset_json))
     problem = architecture_mismatch(network.state_dict(), weights, channels)
     if problem:
         raise MassError(f"{source}: weights are for another architecture than plans '{plans['plans_name']}' of "
                         f"{plans['dataset_name']} ({problem}); {plan_hint()}")
 
 
-def prepare_plans(name: str, plans_identifier: str, configuration: str, source_plans: dict | None,
-                  num_processes: int) -> dict:
-    """The dataset's plans (transferred from the weights' plans, or planned, when missing) and its preprocessed
-    data (made when missing)."""
-    from mass_nnu.adapter import planning as nnunet_planning
-    from mass_nnu.adapter.training import preprocessed_cases
-
-    plans_file = preprocessed_dir(name) / f"{plans_identifier}.json"
-    if not plans_file.is_file():
-        if source_plans is not None:
-            from mass_nnu.planning import transfer_plans
-
-            print(f"mass finetune: {name} has no plans '{plans_identifier}'; transferring the pretrained plans")
-            transfer_plans(source_plans, name, plans_identifier, num_processes=num_processes)
-        else:
-            from mass_nnu.planning import plan_datasets
-
-            planner = {v: k for k, v in nnunet_planning.PLANNERS.items()}.get(plans_identifier)
-            if planner is None:
-                raise MassError(f"{plans_file}: missing; plan it first with 'mass plan -d {name}'")
-            plan_datasets([name], planner=planner, configurations=(configuration,), num_processes=num_processes,
-                          preprocess=False)
-    plans = nnunet_planning.load_plans_file(name, plans_identifier)
-    if not preprocessed_cases(name, plans, configuration):
-        print(f"mass finetune: preprocessing {name} ({plans_identifier}, {configuration})")
-        nnunet_planning.preprocess(name, plans_identifier, [configuration], num_processes)
-    return plans
-
-
-def derived_plans(plans: dict, weights: Path | None, source_fingerprint: str | None, budget: dict | None,
-                  options: dict, tag: str) -> dict:
+def derived_plans(plans: dict, weights: Path | None, source_fingerprint: str | None, settings: FinetuneSettings,
+                  configuration: str) -> dict:
+    """The run's own plans: same architecture and data, ``pretrain_info`` and ``mass_finetune`` added."""
     plans = json.loads(json.dumps(plans))
-    plans["plans_name"] = f"{plans['plans_name']}_{tag}"
+    plans["plans_name"] = f"{plans['plans_name']}_{settings.tag(scratch=weights is None)}"
     plans["pretrain_info"] = {"weights": str(weights) if weights else None, "scratch": weights is None,
                               "architecture_fingerprint": source_fingerprint}
-    plans["mass_finetune"] = {**{k: v for k, v in options.items() if v is not None}, "label_budget": budget}
+    plans["mass_finetune"] = settings.to_plans()
+    if settings.batch_size:  # same architecture and preprocessed data; only the sampler's batch changes
+        plans["configurations"][configuration]["batch_size"] = int(settings.batch_size)
     return plans
 
 
@@ -125,112 +109,97 @@ def format_table(tables: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def finetune_dataset(dataset, configuration: str | None = None, fold="0", weights=None,
-                     plans_identifier: str | None = None, num_labeled: int | None = None,
-                     fraction: float | None = None, scratch: bool = False, epochs: int | None = None,
-                     iterations_per_epoch: int | None = None, device: str = "cpu", continue_training: bool = False,
-                     save_npz: bool = False, seed: int = 0, mirroring: bool = True,
-                     trainer_name: str = "nnUNetTrainerMASS", num_processes: int = 2, batch_size: int | None = None,
-                     learning_rate: float | None = None, transfer: str = "all", head: str = "auto") -> dict:
-    """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
-    ``<fold folder>/mass_finetune_results.json``."""
-    from mass_nnu.adapter import training
-    from mass_nnu.finetuning.budget import budget_size, budget_tag, select_budget
-    from mass_nnu.finetuning.incontext_head import check_head, choose_head
-    from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, check_transfer_mode
-    from mass_nnu.io import save_json_atomic
-
-    name = dataset_name(dataset)
-    fold = fold if fold == "all" else int(fold)
-    if trainer_name not in TRAINERS:
-        raise MassError(f"unknown trainer '{trainer_name}'; choose one of {', '.join(TRAINERS)}")
-    if device not in ("cpu", "cuda", "mps"):
-        raise MassError(f"-device {device}: choose cpu, cuda or mps")
-    budget_size(10**9, num_labeled, fraction)  # argument errors before any work
-    check_transfer_mode(transfer)
-    check_head(head)
-
-    # weights and the plans they were trained on
-    source_plans = checkpoint = weights_path = None
-    if weights is not None or not scratch:
-        weights_path, checkpoint = load_weights_file(
-            weights if weights is not None else find_pretrained_weights(configuration or "3d_fullres",
-                                                                        plans_identifier))
-        source_plans = checkpoint["nnssl_adaptation_plan"]["pretrain_plan"]
-        if plans_identifier and plans_identifier != checkpoint.get("plans_identifier", source_plans["plans_name"]):
-            raise MassError(f"{weights_path}: trained with plans '{checkpoint.get('plans_identifier')}', not "
-                            f"'{plans_identifier}'; drop -p to use the weights' plans")
-        plans_identifier = checkpoint.get("plans_identifier") or source_plans["plans_name"]
-        configuration = configuration or checkpoint.get("configuration", "3d_fullres")
-    plans_identifier = plans_identifier or training.DEFAULT_PLANS
-    configuration = configuration or "3d_fullres"
-    plans = prepare_plans(name, plans_identifier, configuration, source_plans, num_processes)
-    dataset_json = json.loads((preprocessed_dir(name) / "dataset.json").read_text())
-    if checkpoint is not None:
-        check_architecture(plans, configuration, dataset_json, checkpoint["network_weights"], weights_path)
-    load_weights = None if scratch else weights_path
-    chosen, mass_config = choose_head(head, load_weights)  # the scratch twin is plain nnU-Net
-    if head == "auto" and load_weights is not None:
-        print(f"mass finetune: head {chosen} ("
-              + ("the whole MASS model, one in-context task per class" if chosen == "incontext" else
+def prepare_run(dataset: Dataset, weights: Weights, settings: FinetuneSettings, scratch: bool, fold,
+                trainer_name: str, num_processes: int) -> tuple[dict, FinetuneSettings, list[str]]:
+    """Plans and preprocessed data, the head, the label budget (shown before training) and the run's derived
+    plans, saved where nnU-Net finds them. Returns (run plans, resolved settings, budget cases)."""
+    plans = ensure_plans(dataset, weights.plans_identifier, weights.configuration, weights.source_plans, num_processes)
+    if weights.checkpoint is not None:
+        check_architecture(plans, weights.configuration, dataset.dataset_json(), weights.checkpoint["network_weights"],
+                           weights.path)
+    load_weights = None if scratch else weights.path
+    head, mass_config = choose_head(settings.head or "auto", load_weights)  # the scratch twin is plain nnU-Net
+    if settings.head in (None, "auto") and load_weights is not None:
+        print(f"mass finetune: head {head} ("
+              + ("the whole MASS model, one in-context task per class" if head == "incontext" else
                  "no full MASS checkpoint beside the weights: backbone only, new segmentation head") + ")")
-    head = chosen
-    if head == "incontext" and transfer != "all":
-        raise MassError(f"--transfer {transfer}: applies to --head new (the in-context head uses the whole model)")
-
-    # label budget: checked and shown before training (the trainer draws the same subset in do_split)
-    train_cases, val_cases = training.fold_cases(name, plans, configuration, fold)
-    budget = None
-    if num_labeled is not None or fraction is not None:
-        budget = {"num_labeled": num_labeled, "fraction": fraction, "seed": seed}
-        subset = select_budget(train_cases, num_labeled, fraction, seed)
+    if head == "incontext" and settings.transfer not in (None, "all"):
+        raise MassError(f"--transfer {settings.transfer}: applies to --head new (the in-context head uses the whole "
+                        f"model)")
+    settings = replace(settings, head=head, mass_config=mass_config)
+    train_cases, val_cases = training.fold_cases(dataset, plans, weights.configuration, fold)
+    subset = select_budget(train_cases, settings.num_labeled, settings.fraction, settings.seed or 0)
+    if settings.label_budget:  # the trainer draws the same subset in do_split
         print(f"mass finetune: label budget {len(subset)} of {len(train_cases)} training cases of fold {fold} "
-              f"(seed {seed}): {', '.join(subset)}; {len(val_cases)} validation cases untouched")
-    tag = "_".join(t for t in ["scratch" if load_weights is None else "mass", budget_tag(num_labeled, fraction, seed),
-                               f"e{epochs}" if epochs else "", f"i{iterations_per_epoch}" if iterations_per_epoch
-                               else "", f"b{batch_size}" if batch_size else "",
-                               f"lr{learning_rate:g}" if learning_rate else "",
-                               "tenc" if transfer == "encoder" and load_weights else "",
-                               "hic" if head == "incontext" else ""] if t)
-    options = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch, "mirroring": mirroring,
-               "initial_lr": learning_rate, "seed": seed, "transfer": transfer, "head": head,
-               "mass_config": mass_config}
-    run_plans = derived_plans(plans, load_weights, checkpoint.get("architecture_fingerprint") if checkpoint else None,
-                              budget, options, tag)
-    if batch_size:  # same architecture and preprocessed data; only the sampler's batch changes
-        run_plans["configurations"][configuration]["batch_size"] = int(batch_size)
-    check_results_folder(training.results_folder(name, trainer_name, run_plans["plans_name"], configuration),
+              f"(seed {settings.seed or 0}): {', '.join(subset)}; {len(val_cases)} validation cases untouched")
+    fingerprint = weights.checkpoint.get("architecture_fingerprint") if weights.checkpoint else None
+    run_plans = derived_plans(plans, load_weights, fingerprint, settings, weights.configuration)
+    check_results_folder(dataset.model_folder(trainer_name, run_plans["plans_name"], weights.configuration),
                          run_plans["pretrain_info"])
-    save_json_atomic(run_plans, preprocessed_dir(name) / f"{run_plans['plans_name']}.json")
+    save_json_atomic(run_plans, dataset.plans_file(run_plans["plans_name"]))
+    return run_plans, settings, subset
 
-    trainer = training.build_trainer(TRAINERS[trainer_name], run_plans, configuration, fold, dataset_json, device,
-                                     continue_training)
-    trainer.pretrained_weights = str(load_weights) if load_weights else SCRATCH
+
+def train(dataset: Dataset, run_plans: dict, configuration: str, fold, trainer_name: str, device: str,
+          continue_training: bool, save_npz: bool):
+    """nnU-Net's training and final validation of the run (resumed with ``continue_training``)."""
+    trainer = training.build_trainer(TRAINERS[trainer_name], run_plans, configuration, fold, dataset.dataset_json(),
+                                     device, continue_training)
+    trainer.pretrained_weights = run_plans["pretrain_info"]["weights"] or SCRATCH
     if continue_training:
         resumed = training.resume_if_possible(trainer)
         print(f"mass finetune: {'resuming from ' + resumed if resumed else 'no checkpoint to resume; starting'}")
     training.train_and_validate(trainer, save_npz)
+    return trainer
 
+
+def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirroring: bool) -> dict:
+    """Dice tables: the fold's validation (nnU-Net's final validation) and imagesTs when it has labels."""
     fold_dir = Path(trainer.output_folder)
-    model_dir = Path(trainer.output_folder_base)
+    dataset_json = dataset.dataset_json()
     tables = {}
     val_summary = fold_dir / "validation" / "summary.json"
     if val_summary.is_file():
         tables["validation"] = dice_table(json.loads(val_summary.read_text()), dataset_json)
-    images_ts, labels_ts = raw_dir(name) / "imagesTs", raw_dir(name) / "labelsTs"
+    images_ts, labels_ts = dataset.raw / "imagesTs", dataset.raw / "labelsTs"
     predictions = fold_dir / "predictions_imagesTs"
     if images_ts.is_dir() and any(images_ts.iterdir()):
-        training.predict_folder(model_dir, fold, images_ts, predictions, device, mirroring)
+        training.predict_folder(Path(trainer.output_folder_base), fold, images_ts, predictions, device, mirroring)
         if labels_ts.is_dir() and any(labels_ts.iterdir()):
-            training.evaluate_folder(labels_ts, predictions, run_plans, dataset_json,
-                                     fold_dir / "summary_imagesTs.json")
+            training.evaluate_folder(labels_ts, predictions, run_plans, dataset_json, fold_dir / "summary_imagesTs.json")
             tables["test"] = dice_table(json.loads((fold_dir / "summary_imagesTs.json").read_text()), dataset_json)
-    results = {"dataset": name, "trainer": trainer_name, "plans": run_plans["plans_name"],
-               "configuration": configuration, "fold": fold, "weights": str(load_weights) if load_weights else None,
-               "scratch": load_weights is None, "label_budget": budget,
-               "num_training_cases": len(select_budget(train_cases, num_labeled, fraction, seed)),
-               "epochs": trainer.num_epochs, "iterations_per_epoch": trainer.num_iterations_per_epoch,
-               "model_folder": str(model_dir), "dice": tables}
+    return tables
+
+
+def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=None, scratch: bool = False,
+                     plans_identifier: str | None = None, configuration: str | None = None, fold="0",
+                     trainer_name: str = DEFAULT_TRAINER, device: str = "cpu", continue_training: bool = False,
+                     save_npz: bool = False, num_processes: int = 2) -> dict:
+    """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
+    ``<fold folder>/mass_finetune_results.json``."""
+    settings = settings or FinetuneSettings()
+    dataset = Dataset.resolve(dataset)
+    fold = fold if fold == "all" else int(fold)
+    if trainer_name not in TRAINERS:
+        raise MassError(f"unknown trainer '{trainer_name}'; choose one of {', '.join(TRAINERS)}")
+    check_device(device)
+    budget_size(10**9, settings.num_labeled, settings.fraction)  # argument errors before any work
+    settings.check()
+
+    resolved = resolve_weights(weights, scratch, plans_identifier, configuration)
+    run_plans, settings, subset = prepare_run(dataset, resolved, settings, scratch, fold, trainer_name, num_processes)
+    trainer = train(dataset, run_plans, resolved.configuration, fold, trainer_name, device, continue_training,
+                    save_npz)
+    tables = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False)
+
+    fold_dir = Path(trainer.output_folder)
+    load_weights = run_plans["pretrain_info"]["weights"]
+    results = {"dataset": dataset.name, "trainer": trainer_name, "plans": run_plans["plans_name"],
+               "configuration": resolved.configuration, "fold": fold, "weights": load_weights,
+               "scratch": load_weights is None, "label_budget": settings.label_budget,
+               "num_training_cases": len(subset), "epochs": trainer.num_epochs,
+               "iterations_per_epoch": trainer.num_iterations_per_epoch,
+               "model_folder": str(trainer.output_folder_base), "dice": tables}
     save_json_atomic(results, fold_dir / "mass_finetune_results.json")
     if tables:
         print(f"\nDice (%) of {trainer_name} / {run_plans['plans_name']} / fold {fold}:")

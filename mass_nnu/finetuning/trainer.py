@@ -5,32 +5,36 @@ string "scratch" disables), the environment variable ``MASS_PRETRAINED_WEIGHTS``
 "scratch" disables), then ``plans["pretrain_info"]["weights"]`` (written by ``mass finetune``; null = scratch).
 Training options ``plans["mass_finetune"]`` (num_epochs, num_iterations_per_epoch, initial_lr, warmup_epochs,
 frozen_encoder_epochs, mirroring, seed, transfer, head, mass_config, label_budget) override the class defaults, so
-``nnUNetv2_train -p <plans>`` reproduces a ``mass finetune`` run. Import lazily: this module imports nnunetv2.
+``nnUNetv2_train -p <plans>`` reproduces a ``mass finetune`` run (``FinetuneSettings``).
 """
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
 from mass_nnu.adapter.training import bare_network, nnUNetTrainer, reading_preloaded_checkpoint
 from mass_nnu.errors import MassError
+from mass_nnu.finetuning.budget import select_budget
+from mass_nnu.finetuning.incontext_head import build_incontext_network, class_tokens
+from mass_nnu.finetuning.settings import FinetuneSettings
+from mass_nnu.io import atomic_path, load_checkpoint, load_nnunet_checkpoint, remove_stale_temporaries, save_json_atomic
+from mass_nnu.model.artifacts import resolve_mass_checkpoint, resolve_weights_path
 
-WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
 WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
 SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
            "frozen_encoder_epochs", "mirroring", "seed", "transfer", "head")
 CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str, "head": str}
-TRANSFER_MODES = ("all", "encoder")  # "encoder": the decoder keeps nnU-Net's initialisation
 MAX_TOKEN_CASES = 16  # in-context head: class tokens are averaged over at most this many labelled cases
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
     """Linear warm-up over ``warmup`` epochs (lr·(e+1)/(warmup+1)), then nnU-Net's poly decay over the rest."""
-
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup: int, exponent: float = 0.9):
         self.initial_lr, self.max_steps, self.warmup, self.exponent = initial_lr, max_steps, warmup, exponent
         self.ctr = 0
@@ -51,18 +55,6 @@ class WarmupPolyLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def resolve_weights_path(path: str | os.PathLike) -> Path:
-    """A weights file, or a pretrained folder holding ``nnunet_pretrained_weights.pth``."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / WEIGHTS_FILE).is_file():
-            raise MassError(f"{path}: no {WEIGHTS_FILE} in this folder (is it a 'mass pretrain' output folder?)")
-        return path / WEIGHTS_FILE
-    if not path.is_file():
-        raise MassError(f"{path}: pretrained weights not found")
-    return path
-
-
 def is_adaptable_input_projection(target: torch.Size, source: torch.Size, num_input_channels: int) -> bool:
     """A first-layer conv weight whose only difference is the number of input channels."""
     return (len(target) == len(source) >= 3 and target[0] == source[0] and target[2:] == source[2:]
@@ -73,11 +65,6 @@ def plan_hint() -> str:
     return ("plan both datasets together with 'mass plan -d <pretrain IDs> --target-dataset <downstream ID>' and "
             "pretrain again, or fine-tune with the plans the weights were trained on ('mass finetune -w ...' "
             "transfers them)")
-
-
-def check_transfer_mode(mode: str) -> None:
-    if mode not in TRANSFER_MODES:
-        raise MassError(f"--transfer {mode}: choose {' or '.join(TRANSFER_MODES)}")
 
 
 def architecture_mismatch(target: dict, weights: dict, num_input_channels: int) -> str | None:
@@ -134,7 +121,6 @@ class nnUNetTrainerMASS(nnUNetTrainer):
     """nnU-Net's trainer, initialised from MASS-pretrained weights, with warm-up + poly and an optional
     frozen-encoder phase. Defaults (docs/finetuning.md): lr 1e-2, warm-up 5 % of the epochs, encoder not frozen,
     mirroring on."""
-
     default_num_epochs = 1000
     default_iterations = 250
     default_warmup_fraction = 0.05
@@ -152,10 +138,11 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         self.transfer = "all"  # "all": encoder and decoder; "encoder": decoder trained from scratch
         self.head = "new"  # "new": nnU-Net's seg_layers from scratch; "incontext": the pretrained MASS model
         self.seed: int | None = None  # seeds initialisation and (with nnUNet_n_proc_DA=0) sampling/augmentation
-        options = self.plans_manager.plans.get("mass_finetune", {})
+        settings = FinetuneSettings.from_plans(self.plans_manager.plans)
+        settings.check()
         for key in TUNABLE:
-            if options.get(key) is not None:
-                setattr(self, key, CASTS.get(key, int)(options[key]))
+            if getattr(settings, key) is not None:
+                setattr(self, key, CASTS.get(key, int)(getattr(settings, key)))
         if self.num_val_iterations_per_epoch is None:  # nnU-Net's 50 per 250 training iterations
             self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 5)
         if self.warmup_epochs is None:
@@ -163,7 +150,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         if self.frozen_encoder_epochs is None:
             self.frozen_encoder_epochs = int(round(self.default_frozen_encoder_fraction * self.num_epochs))
         self.save_every = max(1, min(self.save_every, self.num_epochs // 10))  # short runs stay resumable
-        self.label_budget = options.get("label_budget")
+        self.label_budget = settings.label_budget
         if self.head == "incontext" and self.label_manager.has_regions:
             raise MassError("--head incontext: region-based training (sigmoid outputs) is not supported; "
                             "use --head new")
@@ -184,21 +171,17 @@ class nnUNetTrainerMASS(nnUNetTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         """nnU-Net's network, or with ``mass_finetune.head == "incontext"`` the whole MASS model (also at
         ``nnUNetv2_predict``, which calls this with the results folder's plans)."""
-        options = plans_manager.plans.get("mass_finetune") or {}
-        if options.get("head", "new") == "incontext":
-            from mass_nnu.finetuning.incontext_head import build_incontext_network
-
-            if not isinstance(options.get("mass_config"), dict):
+        settings = FinetuneSettings.from_plans(plans_manager.plans)
+        if settings.head == "incontext":
+            if not isinstance(settings.mass_config, dict):
                 raise MassError(f"plans '{plans_manager.plans_name}': mass_finetune.head is 'incontext' but "
                                 f"mass_finetune.mass_config is missing (written by 'mass finetune')")
             return build_incontext_network(configuration_manager, num_input_channels, num_output_channels,
-                                           options["mass_config"], enable_deep_supervision)
+                                           settings.mass_config, enable_deep_supervision)
         return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
 
     def load_pretrained(self) -> None:
-        from mass_nnu.io import load_checkpoint
-
         source = self.weights_source()
         if source is None:
             if self.head == "incontext":
@@ -212,16 +195,11 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         weights = checkpoint["network_weights"]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise MassError(f"{source}: 'network_weights' is not a state dict of tensors")
-        check_transfer_mode(self.transfer)
         self.weights_report = transfer_weights(self.network, weights, str(source), self.print_to_log_file,
                                                self.num_input_channels, encoder_only=self.transfer == "encoder")
 
     def load_incontext_head(self, source: Path) -> None:
         """All MASS weights, then task tokens per class encoded from the labelled training cases."""
-        import numpy as np
-
-        from mass_nnu.finetuning.incontext_head import class_tokens, resolve_mass_checkpoint
-
         path, checkpoint = resolve_mass_checkpoint(source)
         network = bare_network(self.network)
         try:
@@ -250,10 +228,6 @@ class nnUNetTrainerMASS(nnUNetTrainer):
 
     def initialize(self):
         if self.seed is not None:
-            import random
-
-            import numpy as np
-
             random.seed(self.seed)
             np.random.seed(self.seed)
             torch.manual_seed(self.seed)
@@ -264,15 +238,12 @@ class nnUNetTrainerMASS(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        from mass_nnu.io import atomic_path, remove_stale_temporaries
 
         remove_stale_temporaries(filename)
         with atomic_path(filename) as tmp:
             super().save_checkpoint(str(tmp))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        from mass_nnu.io import load_nnunet_checkpoint
-
         if not self.was_initialized:  # before torch.load is redirected: initialize() reads the pretrained files
             self.initialize()
         if isinstance(filename_or_checkpoint, dict):
@@ -312,8 +283,6 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         tr_keys, val_keys = super().do_split()
         if not self.label_budget:
             return tr_keys, val_keys
-        from mass_nnu.finetuning.budget import select_budget
-        from mass_nnu.io import save_json_atomic
 
         subset = select_budget(tr_keys, self.label_budget.get("num_labeled"), self.label_budget.get("fraction"),
                                int(self.label_budget.get("seed", 0)))

@@ -1,14 +1,17 @@
-"""What segment and embed share: the pretrained model, input files -> cases, tiles over a preprocessed volume."""
+"""What segment and embed share: the pretrained model and input files -> cases."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from mass_nnu.adapter import inference
+from mass_nnu.devices import check_device
 from mass_nnu.errors import MassError
+from mass_nnu.model.artifacts import load_mass_model
+from mass_nnu.model.mass_model import build_mass_model
 
 
 @dataclass
@@ -27,14 +30,10 @@ class Pretrained:
 def load_pretrained(path, device: str = "cpu", random_init: bool = False, seed: int = 0) -> Pretrained:
     """The MASS model of a pretrained folder or checkpoint. ``random_init``: the same architecture with fresh
     random weights (the "from scratch" baseline), seeded."""
-    import torch
-
-    from mass_nnu.pretraining.model import build_mass_model, load_mass_model
-
     path = Path(path)
     if not path.exists():
         raise MassError(f"{path}: pretrained model folder or checkpoint not found")
-    device = _device(device)
+    device = check_device(device)
     model, info = load_mass_model(path, device="cpu")
     num_channels = _input_channels(model)
     source = str(path)
@@ -52,18 +51,6 @@ def _input_channels(model) -> int:
     """In-channels of the backbone's first convolution (the stem)."""
     first = next(m for m in model.backbone.modules() if hasattr(m, "in_channels"))
     return int(first.in_channels)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name not in ("cpu", "cuda", "mps"):
-        raise MassError(f"-device {name}: use cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MassError("-device cuda: no CUDA device is available here; use -device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise MassError("-device mps: not available here; use -device cpu")
-    return name
 
 
 @dataclass
@@ -116,21 +103,3 @@ def image_cases(inputs, num_channels: int, endings) -> list[Case]:
     if duplicate:
         raise MassError(f"{duplicate}: case given twice among the inputs")
     return cases
-
-
-def crop_padded(array: np.ndarray, start, size, value=0) -> np.ndarray:
-    """array[:, start:start+size] along the spatial axes, padded with ``value`` where it leaves the array."""
-    out = np.full((array.shape[0], *size), value, dtype=array.dtype)
-    src, dst = [slice(None)], [slice(None)]
-    for lo, n, extent in zip(start, size, array.shape[1:]):
-        a, b = max(lo, 0), min(lo + n, extent)
-        src.append(slice(a, b))
-        dst.append(slice(a - lo, b - lo))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def as_tensor(array: np.ndarray, device: str):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)

@@ -10,16 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from mass_nnu.adapter import inference
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.preprocessed import load_case, preprocessed_case_ids
 from mass_nnu.errors import MassError
 from mass_nnu.incontext.common import Pretrained, image_cases
+from mass_nnu.io import atomic_path
 
 
 def encoder_features(pretrained: Pretrained, data: np.ndarray, num_scales: int) -> tuple[np.ndarray, list[str]]:
     """Pooled features of one preprocessed volume (C, *S) and their names (``stage{i}_{avg|max}_{channel}``)."""
-    import torch
-
     device = next(pretrained.model.parameters()).device
     encoder = pretrained.model.parts.encoder
     patch = pretrained.patch_size
@@ -46,17 +49,15 @@ def encoder_features(pretrained: Pretrained, data: np.ndarray, num_scales: int) 
 def dataset_volumes(pretrained: Pretrained, dataset):
     """(case_id, preprocessed volume) of a dataset's training cases: nnU-Net's preprocessed data of the model's
     configuration if present, else imagesTr preprocessed here with the model's plans."""
-    from mass_nnu.adapter.datasets import dataset_name, preprocessed_dir, raw_dir
-
-    name = dataset_name(dataset)
-    folder = preprocessed_dir(name) / pretrained.plans.configuration.data_identifier
-    if folder.is_dir() and inference.preprocessed_cases(folder):
-        cases = inference.preprocessed_cases(folder)
+    dataset = Dataset.resolve(dataset)
+    folder = dataset.preprocessed / pretrained.plans.configuration.data_identifier
+    cases = preprocessed_case_ids(folder)
+    if cases:
         print(f"mass embed: {len(cases)} preprocessed cases from {folder}")
-        return [(case, lambda case=case: inference.load_preprocessed(folder, case)) for case in cases]
-    images = raw_dir(name) / "imagesTr"
+        return [(case, lambda case=case: load_case(folder, case)[0]) for case in cases]
+    images = dataset.raw / "imagesTr"
     if not images.is_dir():
-        raise MassError(f"{name}: neither preprocessed data ({folder}) nor raw images ({images})")
+        raise MassError(f"{dataset}: neither preprocessed data ({folder}) nor raw images ({images})")
     print(f"mass embed: no preprocessed data at {folder}; preprocessing {images} with the model's plans")
     return file_volumes(pretrained, [images])
 
@@ -75,10 +76,6 @@ def file_volumes(pretrained: Pretrained, inputs):
 
 def embed(pretrained: Pretrained, volumes, output: Path, num_scales: int = 3) -> np.ndarray:
     """Features of every case -> ``output`` (npz: features, case_ids, feature_names, stages, model)."""
-    from tqdm import tqdm
-
-    from mass_nnu.io import atomic_path
-
     if num_scales < 1:
         raise MassError(f"--scales {num_scales}: must be at least 1")
     if not volumes:

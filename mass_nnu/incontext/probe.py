@@ -5,6 +5,11 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from mass_nnu.errors import MassError
 
@@ -39,12 +44,6 @@ def load_labels(path: Path) -> dict[str, str]:
 
 def probe(features_file: Path, labels_file: Path, folds: int = 5, seed: int = 0) -> dict:
     """Out-of-fold accuracy and AUC (binary; macro one-vs-rest for more classes) with stratified k-fold."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     features, case_ids = load_features(features_file)
     labels = load_labels(labels_file)
     unknown = [c for c in labels if c not in set(case_ids)]

@@ -11,25 +11,21 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from tqdm import tqdm
 
 from mass_nnu.adapter import inference
 from mass_nnu.errors import MassError
+from mass_nnu.incontext.common import Pretrained, case_from_file, image_cases
 from mass_nnu.io import ensure_writable, save_json_atomic
-from mass_nnu.incontext.common import Pretrained, as_tensor, case_from_file, crop_padded, image_cases
+from mass_nnu.model.references import Reference, encode_tasks
 
 BACKGROUND_LOGIT = -30.0  # logit of voxels outside the predicted region (sigmoid ~ 1e-13)
-
-
-@dataclass
-class Reference:
-    name: str
-    data: np.ndarray  # (C, *S) preprocessed
-    seg: np.ndarray  # (*S) preprocessed label map
-    labels: list[int] = field(default_factory=list)
 
 
 def load_reference(image: Path, mask: Path, pretrained: Pretrained, wanted: list[int] | None) -> Reference:
@@ -55,42 +51,8 @@ def load_reference(image: Path, mask: Path, pretrained: Pretrained, wanted: list
     return Reference(str(image), data, seg[0], labels)
 
 
-def reference_crop(reference: Reference, label: int, patch_size) -> tuple[np.ndarray, np.ndarray]:
-    """Patch-size crop of image and binary mask centred on the label's bounding box."""
-    coords = np.argwhere(reference.seg == label)
-    centre = (coords.min(0) + coords.max(0)) // 2
-    start = [int(c) - p // 2 for c, p in zip(centre, patch_size)]
-    image = crop_padded(reference.data, start, patch_size)
-    mask = crop_padded((reference.seg == label)[None].astype(np.float32), start, patch_size)
-    return image, mask
-
-
-def encode_tasks(model, patch_size, references: list[Reference], labels: list[int]):
-    """Task tokens (1, K, ...) of a MASS model for ``labels``: per label, the average over the references that
-    contain it (each cropped to ``patch_size`` around the label)."""
-    import torch
-
-    from mass_nnu.pretraining.model import TaskTokens
-
-    device = next(model.parameters()).device
-    per_label = []
-    with torch.no_grad():
-        for label in labels:
-            sets = []
-            for reference in references:
-                if label in reference.labels:
-                    image, mask = reference_crop(reference, label, patch_size)
-                    sets.append(model.encode_task(as_tensor(image, device), as_tensor(mask, device)))
-            per_label.append(TaskTokens.average(sets))
-    return TaskTokens([torch.cat([t.scales[s] for t in per_label], 1) for s in range(len(per_label[0].scales))],
-                      torch.cat([t.valid for t in per_label], 1))
-
-
 def foreground_box(data: np.ndarray, patch_size) -> tuple[slice, ...]:
     """Bounding box of the image's foreground (Otsu on the first channel, specks removed) plus 1/8 patch."""
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-
     image = data[0]
     if np.ptp(image) == 0:
         return tuple(slice(0, s) for s in image.shape)
@@ -106,9 +68,6 @@ def foreground_box(data: np.ndarray, patch_size) -> tuple[slice, ...]:
 def predict_logits(pretrained: Pretrained, tokens, data: np.ndarray, step_size: float = 0.5,
                    region: tuple[slice, ...] | None = None, progress: bool = False):
     """(K, *S) logits on the preprocessed grid: Gaussian-weighted sliding window over ``region``."""
-    import torch
-    from tqdm import tqdm
-
     device = next(pretrained.model.parameters()).device
     patch = pretrained.patch_size
     region = region or tuple(slice(0, s) for s in data.shape[1:])
@@ -133,8 +92,6 @@ def predict_logits(pretrained: Pretrained, tokens, data: np.ndarray, step_size: 
 def to_label_map(logits, properties: dict, pretrained: Pretrained, labels: list[int],
                  largest_component: bool) -> np.ndarray:
     """Logits (K, *S') -> label map on the original grid: the label with the highest sigmoid if > 0.5."""
-    import torch
-
     with_background = torch.cat([torch.zeros_like(logits[:1]), logits]).numpy()  # logit 0 = sigmoid 0.5
     index = inference.logits_to_original(with_background, properties, pretrained.plans)
     label_map = np.asarray([0, *labels], dtype=np.uint16)[index]
@@ -149,8 +106,6 @@ def segment_cases(pretrained: Pretrained, references: list[tuple[Path, Path]], q
                   whole_image: bool = False, gt_folder: Path | None = None) -> dict:
     """Segment every query from the references; writes OUT/<case>.nii.gz (and summary.json with --gt).
     Returns {case_id: {label: dice}} when ground truth is given, else {}."""
-    from tqdm import tqdm
-
     if not 0 < step_size <= 1:
         raise MassError(f"--step-size {step_size}: must be in (0, 1]")
     plans = pretrained.plans

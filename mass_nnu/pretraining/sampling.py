@@ -12,8 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
+from tqdm import tqdm
 
+from mass_nnu.adapter.augmentation import apply_view, view_transforms
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.preprocessed import data_folder, load_case, raw_to_preprocessed, require_case_ids
 from mass_nnu.errors import MassError
+from mass_nnu.io import atomic_path
+from mass_nnu.proposals.store import check_geometry, proposal_dir, proposal_path, read_proposals
 
 
 @dataclass
@@ -28,20 +35,16 @@ def proposals_folder(data_folder: Path) -> Path:
     return data_folder.parent / f"{data_folder.name}_proposals"
 
 
-def prepare_proposals(dataset, plans: dict, configuration: str, min_voxels: int = 8) -> tuple[Path, list[str]]:
+def prepare_proposals(dataset: Dataset, plans: dict, configuration: str,
+                      min_voxels: int = 8) -> tuple[Path, list[str]]:
     """Map every case's raw proposals onto the preprocessed grid (once; existing files are kept). Returns the
     folder and the usable case ids. Refuses proposals made for another image."""
-    from tqdm import tqdm
-
-    from mass_nnu.adapter.preprocessed import case_ids, data_folder, load_case, raw_to_preprocessed
-    from mass_nnu.io import atomic_path
-    from mass_nnu.proposals.store import check_geometry, proposal_dir, read_proposals
-
+    dataset = Dataset.resolve(dataset)
     data_dir = data_folder(dataset, plans, configuration)
     raw_dir = proposal_dir(dataset)
     out_dir = proposals_folder(data_dir)
-    cases = case_ids(data_dir)
-    missing = [c for c in cases if not (raw_dir / f"{c}.npz").is_file()]
+    cases = require_case_ids(data_dir)
+    missing = [c for c in cases if not proposal_path(dataset, c).is_file()]
     if len(missing) == len(cases):
         raise MassError(f"{raw_dir}: no proposals found for {len(cases)} preprocessed cases; "
                         f"run 'mass propose -d {dataset}' first")
@@ -53,7 +56,7 @@ def prepare_proposals(dataset, plans: dict, configuration: str, min_voxels: int 
                      disable=None):
         target = out_dir / f"{case}.npz"
         if not target.is_file():
-            layers, geometry = read_proposals(raw_dir / f"{case}.npz")
+            layers, geometry = read_proposals(proposal_path(dataset, case))
             data, properties = load_case(data_dir, case)
             sitk_geometry = properties.get("sitk_stuff", {})
             check_geometry(geometry, {
@@ -61,7 +64,7 @@ def prepare_proposals(dataset, plans: dict, configuration: str, min_voxels: int 
                 "spacing": list(properties["spacing"]),
                 "origin": list(sitk_geometry.get("origin", geometry["origin"])),
                 "direction": list(np.ravel(sitk_geometry.get("direction", geometry["direction"])))},
-                raw_dir / f"{case}.npz")
+                proposal_path(dataset, case))
             mapped = raw_to_preprocessed(layers, properties, plans, data.shape[1:]) if len(layers) else \
                 np.zeros((0, *data.shape[1:]), np.uint16)
             stats = proposal_stats(mapped, min_voxels)
@@ -79,8 +82,6 @@ def prepare_proposals(dataset, plans: dict, configuration: str, min_voxels: int 
 
 def proposal_stats(layers: np.ndarray, min_voxels: int) -> np.ndarray:
     """One row per usable proposal: layer, label, size, bbox low (3), bbox high (3)."""
-    from scipy import ndimage
-
     rows = []
     for index, layer in enumerate(layers):
         sizes = np.bincount(layer.ravel())
@@ -122,10 +123,7 @@ def crop(array: np.ndarray, center, size) -> np.ndarray:
 
 class TaskSampler:
     """Draws in-context samples from preprocessed cases with proposals."""
-
     def __init__(self, sources: list[CaseSource], patch_size, settings: SamplerSettings | None = None):
-        from mass_nnu.adapter.augmentation import view_transforms
-
         if not sources:
             raise MassError("no cases with proposals to pretrain on")
         self.sources = sources
@@ -135,15 +133,11 @@ class TaskSampler:
         self.weak, self.strong = view_transforms(self.patch_size, False), view_transforms(self.patch_size, True)
 
     def _load(self, source: CaseSource):
-        from mass_nnu.adapter.preprocessed import load_case
-
         data, _ = load_case(source.data_folder, source.case_id)
         with np.load(source.proposals_folder / f"{source.case_id}.npz") as f:
             return data, f["layers"], f["stats"]
 
     def sample(self, rng: np.random.Generator) -> dict:
-        from mass_nnu.adapter.augmentation import apply_view
-
         source = self.sources[rng.integers(len(self.sources))]
         data, layers, stats = self._load(source)
         chosen = stats[pick_tasks(stats, self.settings.max_tasks - 1, rng)]
@@ -176,7 +170,6 @@ class TaskSampler:
 class BatchStream:
     """An iterable of ``iterations`` batches per epoch, reproducible from (seed, rank, epoch, worker); usable
     with torch's DataLoader workers (``-np``), so data loading overlaps the training step."""
-
     def __init__(self, sampler: TaskSampler, batch_size: int, iterations: int, seed: int, rank: int = 0):
         self.sampler, self.batch_size, self.iterations = sampler, batch_size, iterations
         self.seed, self.rank, self.epoch = seed, rank, 0

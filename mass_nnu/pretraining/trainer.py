@@ -4,7 +4,6 @@ bf16 autocast on CUDA, optional torch.compile, nnU-Net-style logs and progress.p
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,10 +12,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.preprocessed import data_folder
+from mass_nnu.devices import check_device
 from mass_nnu.errors import MassError
-
-TRAINER_NAME = "MASSPretrainer"
+from mass_nnu.io import (
+    architecture_fingerprint,
+    atomic_path,
+    ensure_writable,
+    load_checkpoint,
+    save_checkpoint,
+    save_json_atomic,
+)
+from mass_nnu.model.artifacts import (
+    CHECKPOINT_FINAL,
+    CHECKPOINT_LATEST,
+    PRETRAINER_NAME,
+    WEIGHTS_FILE,
+    export_backbone,
+    pretrained_folder,
+)
+from mass_nnu.model.loss import InContextLoss, dice_per_task
+from mass_nnu.model.mass_model import build_mass_model
+from mass_nnu.pretraining.sampling import BatchStream, CaseSource, SamplerSettings, TaskSampler, prepare_proposals
 
 
 @dataclass
@@ -38,15 +59,8 @@ class PretrainSettings:
     mass_config: dict = field(default_factory=dict)
 
 
-def output_folder(dataset_names: list[str], plans_identifier: str, configuration: str) -> Path:
-    from mass_nnu.adapter.datasets import results_root
-
-    return results_root() / dataset_names[0] / f"{TRAINER_NAME}__{plans_identifier}__{configuration}"
-
-
 class Distributed:
     """torchrun's environment, if any: one process per device, rank 0 writes."""
-
     def __init__(self, device: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -79,22 +93,15 @@ class Distributed:
 class MASSPretrainer:
     def __init__(self, datasets: list, plans_identifier: str, configuration: str, settings: PretrainSettings,
                  device: str = "cpu", output: Path | None = None):
-        from mass_nnu.adapter.datasets import dataset_name, load_dataset_json
-        from mass_nnu.adapter.planning import load_plans_file
-        from mass_nnu.io import architecture_fingerprint
-        from mass_nnu.pretraining.model import build_mass_model
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise MassError("-device cuda: no CUDA device is available")
-        if device not in ("cpu", "cuda"):
-            raise MassError(f"-device '{device}': use cpu or cuda")
-        self.names = [dataset_name(d) for d in datasets]
+        check_device(device)
+        self.datasets = [Dataset.resolve(d) for d in datasets]
+        self.names = [d.name for d in self.datasets]
         self.settings, self.configuration = settings, configuration
-        self.plans = load_plans_file(self.names[0], plans_identifier)
-        self.dataset_json = load_dataset_json(self.names[0])
+        self.plans = self.datasets[0].plans(plans_identifier)
+        self.dataset_json = self.datasets[0].dataset_json()
         self.dist = Distributed(device)
         self.device = self.dist.device(device)
-        self.output = Path(output) if output else output_folder(self.names, plans_identifier, configuration)
+        self.output = Path(output) if output else pretrained_folder(self.datasets[0], plans_identifier, configuration)
         self.num_channels = len(self.dataset_json["channel_names"])
         torch.manual_seed(settings.seed)
         self.model = build_mass_model(self.plans, configuration, self.num_channels, **settings.mass_config)
@@ -116,8 +123,6 @@ class MASSPretrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if settings.compile:
             self.train_model = torch.compile(self.train_model)
-        from mass_nnu.pretraining.loss import InContextLoss
-
         self.loss = InContextLoss()
         self.epoch = 0
         self.history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_dice": [], "lr": [],
@@ -126,14 +131,9 @@ class MASSPretrainer:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _check_datasets(self, plans_identifier: str) -> None:
-        from mass_nnu.adapter.datasets import load_dataset_json
-        from mass_nnu.adapter.planning import load_plans_file
-        from mass_nnu.io import architecture_fingerprint
-        from mass_nnu.pretraining.model import build_mass_model
-
-        for name in self.names[1:]:
-            plans = load_plans_file(name, plans_identifier)
-            channels = len(load_dataset_json(name)["channel_names"])
+        for name in self.datasets[1:]:
+            plans = name.plans(plans_identifier)
+            channels = len(name.dataset_json()["channel_names"])
             if channels != self.num_channels:
                 raise MassError(f"{name}: has {channels} input channel(s), {self.names[0]} has {self.num_channels}; "
                                 f"datasets pretrained together need the same channel count")
@@ -143,14 +143,9 @@ class MASSPretrainer:
                                 f"plan them together: mass plan -d <IDs> --target-dataset <downstream ID>")
 
     def build_data(self):
-        from mass_nnu.adapter.preprocessed import data_folder
-        from mass_nnu.adapter.planning import load_plans_file
-        from mass_nnu.pretraining.sampling import BatchStream, CaseSource, SamplerSettings, TaskSampler, \
-            prepare_proposals
-
         sources = []
-        for name in self.names:
-            plans = load_plans_file(name, self.plans["plans_name"])
+        for name in self.datasets:
+            plans = name.plans(self.plans["plans_name"])
             folder, cases = prepare_proposals(name, plans, self.configuration)
             data_dir = data_folder(name, plans, self.configuration)
             sources += [CaseSource(data_dir, folder, c) for c in cases]
@@ -166,8 +161,6 @@ class MASSPretrainer:
         self.val_batches = [val_sampler.batch(val_rng, self.settings.batch_size)
                             for _ in range(self.settings.val_iterations)]
         if self.dist.main:
-            from mass_nnu.io import ensure_writable
-
             ensure_writable(self.output)
         self.log(f"pretraining on {len(train)} case(s) of {', '.join(self.names)}; {len(held)} held out for "
                  f"in-context validation; patch {patch}, batch {self.settings.batch_size}, ≤ {settings.max_tasks} tasks")
@@ -185,16 +178,10 @@ class MASSPretrainer:
             f.write(line + "\n")
 
     def plot_progress(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from mass_nnu.io import atomic_path
-
         h = self.history
         epochs = range(len(h["train_loss"]))
-        fig, axes = plt.subplots(3, 1, figsize=(9, 10))
+        fig = Figure(figsize=(9, 10))
+        axes = fig.subplots(3, 1)
         axes[0].plot(epochs, h["train_loss"], "b-", label="train loss")
         axes[0].plot(epochs, h["val_loss"], "r-", label="val loss (held-out, EMA)")
         ax2 = axes[0].twinx()
@@ -211,7 +198,6 @@ class MASSPretrainer:
         fig.tight_layout()
         with atomic_path(self.output / "progress.png") as tmp:
             fig.savefig(tmp, format="png")
-        plt.close(fig)
 
     # -- steps -------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -242,8 +228,6 @@ class MASSPretrainer:
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
-        from mass_nnu.pretraining.loss import dice_per_task
-
         losses, dices = [], []
         for batch in self.val_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -259,10 +243,8 @@ class MASSPretrainer:
         return float(np.mean(losses)), float(np.nanmean(dices))
 
     def run(self) -> Path:
-        from tqdm import tqdm
-
         s = self.settings
-        self.log(f"{TRAINER_NAME}: {s.epochs} epochs × {s.iterations_per_epoch} iterations, device {self.device}, "
+        self.log(f"{PRETRAINER_NAME}: {s.epochs} epochs × {s.iterations_per_epoch} iterations, device {self.device}, "
                  f"world size {self.dist.world}, lr {s.lr}, EMA {s.ema_decay}")
         while self.epoch < s.epochs:
             start = time.time()
@@ -289,20 +271,18 @@ class MASSPretrainer:
                      f"(data wait {wait:.1f} s)")
             self.epoch += 1
             if self.dist.main:
-                self.save(self.output / "checkpoint_latest.pth", full=True)
+                self.save(self.output / CHECKPOINT_LATEST, full=True)
                 self.plot_progress()
         return self.finish()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _common(self) -> dict:
-        return {"trainer_name": TRAINER_NAME, "plans": self.plans, "configuration": self.configuration,
+        return {"trainer_name": PRETRAINER_NAME, "plans": self.plans, "configuration": self.configuration,
                 "dataset_json": self.dataset_json, "datasets": self.names, "mass_config": self.model.mass_config(),
                 "architecture_fingerprint": self.fingerprint, "settings": asdict(self.settings),
                 "history": self.history, "epoch": self.epoch}
 
     def save(self, path: Path, full: bool) -> None:
-        from mass_nnu.io import save_checkpoint
-
         checkpoint = {**self._common(), "network_weights": {k: v.cpu() for k, v in self.ema.state_dict().items()}}
         if full:
             checkpoint.update(model_weights={k: v.cpu() for k, v in self.model.state_dict().items()},
@@ -312,9 +292,7 @@ class MASSPretrainer:
 
     def resume(self) -> bool:
         """Continue from checkpoint_latest.pth (weights, EMA, optimiser, scheduler, epoch, history, RNG)."""
-        from mass_nnu.io import load_checkpoint
-
-        path = self.output / "checkpoint_latest.pth"
+        path = self.output / CHECKPOINT_LATEST
         if not path.is_file():
             self.log(f"--c: no {path.name} in {self.output}; starting from scratch")
             return False
@@ -333,13 +311,10 @@ class MASSPretrainer:
         return True
 
     def finish(self) -> Path:
-        from mass_nnu.io import save_json_atomic
-        from mass_nnu.pretraining.export import export_backbone
-
         if self.dist.main:
-            self.save(self.output / "checkpoint_final.pth", full=False)
+            self.save(self.output / CHECKPOINT_FINAL, full=False)
             export_backbone(self.ema, self.plans, self.configuration, self.num_channels,
-                            self.output / "nnunet_pretrained_weights.pth")
+                            self.output / WEIGHTS_FILE)
             save_json_atomic(self.plans, self.output / "plans.json")
             save_json_atomic(self.dataset_json, self.output / "dataset.json")
             h = self.history

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 
 @dataclass
@@ -18,9 +20,6 @@ class FilterSettings:
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
     """Body / head mask: Otsu threshold, largest components, holes filled. Empty for constant images."""
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-
     finite = image[np.isfinite(image)]
     if finite.size == 0 or np.ptp(finite) == 0:
         return np.zeros(image.shape, bool)
@@ -37,8 +36,6 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
 
 def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s: FilterSettings) -> np.ndarray:
     """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n."""
-    from scipy import ndimage
-
     ids = np.unique(layer)
     ids = ids[ids != 0]
     if len(ids) == 0:

@@ -2,17 +2,33 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
 
-from mass_nnu.dataset_checks import read_image
+from mass_nnu.adapter.datasets import Dataset, raw_root
 from mass_nnu.errors import MassError
-from mass_nnu.proposals.store import (count_proposals, image_geometry, proposal_dir, read_proposals,
-                                      write_proposals)
+from mass_nnu.io import read_image, save_json_atomic
+from mass_nnu.proposals.evaluate import best_iou_per_structure
+from mass_nnu.proposals.sam2_backend import Sam2Settings, load_sam2, sam2_proposals
+from mass_nnu.proposals.store import (
+    count_proposals,
+    image_geometry,
+    proposal_dir,
+    proposal_path,
+    read_proposals,
+    write_proposals,
+)
+from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
 
 BACKENDS = ("supervoxel", "sam2")
 
@@ -30,66 +46,40 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return i, n
 
 
-def dataset_images(dataset) -> dict[str, list[Path]]:
-    """case_id -> channel files of imagesTr (nnU-Net naming: <case>_<XXXX><ending>)."""
-    from mass_nnu.adapter.datasets import load_dataset_json, raw_dir
-
-    meta = load_dataset_json(dataset)
-    ending = meta.get("file_ending", ".nii.gz")
-    folder = raw_dir(dataset) / "imagesTr"
-    cases: dict[str, list[Path]] = {}
-    for path in sorted(folder.glob(f"*{ending}")):
-        case = path.name[: -len(ending)][:-5]
-        cases.setdefault(case, []).append(path)
-    if not cases:
-        raise MassError(f"{folder}: no images ending in {ending}")
-    return cases
-
-
 def shard_cases(cases: list[str], shard: tuple[int, int]) -> list[str]:
     i, n = shard
     return [c for k, c in enumerate(sorted(cases)) if k % n == i]
 
 
-def output_dataset(source, out_id) -> str:
+def output_dataset(source: Dataset, out_id) -> Dataset:
     """The dataset that receives the proposals. With ``out_id`` unknown so far, a new raw dataset
     Dataset<out_id>_<source name> is made from the source: dataset.json copied, imagesTr/labelsTr hard-linked
     (copied across file systems), so the source folder stays untouched and pretraining can use the new one."""
-    import os
-    import shutil
-    import tempfile
-
-    from mass_nnu.adapter.datasets import dataset_name, raw_dir, raw_root
-
-    source = str(dataset_name(source))
     if out_id is None:
         return source
     try:
-        return str(dataset_name(out_id))
+        return Dataset.resolve(out_id)
     except MassError:
         pass
     digits = str(out_id).removeprefix("Dataset").split("_")[0]
     if not digits.isdigit() or not 0 < int(digits) < 1000:
         raise MassError(f"--out-id '{out_id}': expected a dataset ID between 1 and 999")
-    target = raw_root() / f"Dataset{int(digits):03d}_{source.split('_', 1)[1]}"
+    target = raw_root() / f"Dataset{int(digits):03d}_{source.name.split('_', 1)[1]}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_root()))
     try:
-        shutil.copyfile(raw_dir(source) / "dataset.json", staging / "dataset.json")
+        shutil.copyfile(source.raw / "dataset.json", staging / "dataset.json")
         for sub in ("imagesTr", "labelsTr"):
-            if (raw_dir(source) / sub).is_dir():
-                shutil.copytree(raw_dir(source) / sub, staging / sub, copy_function=_link_or_copy)
+            if (source.raw / sub).is_dir():
+                shutil.copytree(source.raw / sub, staging / sub, copy_function=_link_or_copy)
         os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not target.is_dir():  # another shard may have made it at the same time
             raise MassError(f"{target}: could not create the --out-id dataset") from None
-    return target.name
+    return Dataset(target.name)
 
 
 def _link_or_copy(src, dst):
-    import os
-    import shutil
-
     try:
         os.link(src, dst)
     except OSError:
@@ -99,13 +89,9 @@ def _link_or_copy(src, dst):
 def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str):
     """A function (image array, spacing) -> layers."""
     if backend == "supervoxel":
-        from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
-
         settings = SupervoxelSettings(seed=seed)
         return partial(supervoxel_proposals, settings=settings), settings.as_dict()
     if backend == "sam2":
-        from mass_nnu.proposals.sam2_backend import Sam2Settings, load_sam2, sam2_proposals
-
         settings = Sam2Settings()
         models = load_sam2(sam2_checkpoint, sam2_config, device)
         return partial(sam2_proposals, models=models, settings=settings), settings.as_dict()
@@ -117,21 +103,19 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
                     num_processes: int = 1, out_id=None) -> dict:
     """Write proposals for every (sharded) case that has none yet, into ``out_id``'s raw folder if given (see
     ``output_dataset``). Returns a summary dict."""
-    from tqdm import tqdm
-
-    cases = dataset_images(dataset)
+    dataset = Dataset.resolve(dataset)
+    cases = dataset.cases()
+    if not cases:
+        raise MassError(f"{dataset.raw / 'imagesTr'}: no images ending in {dataset.file_ending}")
     todo = shard_cases(list(cases), parse_shard(shard))
     run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device)
-    out_name = output_dataset(dataset, out_id)
-    out_dir = proposal_dir(out_name)
-    pending = [(case, cases[case][0], out_dir / f"{case}.npz") for case in todo
-               if not (out_dir / f"{case}.npz").is_file()]
+    out = output_dataset(dataset, out_id)
+    pending = [(case, cases[case][0], proposal_path(out, case)) for case in todo
+               if not proposal_path(out, case).is_file()]
     skipped = len(todo) - len(pending)
     counts, seconds, empty = {}, {}, []
     jobs = [(run_one, image_path, path, backend, params) for _, image_path, path in pending]
     if num_processes > 1 and backend == "supervoxel" and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         pool = ProcessPoolExecutor(num_processes)
         results = pool.map(_propose_case, jobs)
     else:
@@ -147,18 +131,16 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
     finally:
         if pool is not None:
             pool.shutdown()
-    summary = {"dataset": out_name, "backend": backend, "cases_done": len(counts), "cases_skipped": skipped,
+    summary = {"dataset": out.name, "backend": backend, "cases_done": len(counts), "cases_skipped": skipped,
                "cases_empty": empty, "proposals_per_case": float(np.mean(list(counts.values()))) if counts else 0.0,
                "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
                "per_case": {c: {"proposals": counts[c], "seconds": round(seconds[c], 2)} for c in counts}}
-    _merge_summary(out_dir / "summary.json", summary, params)
+    _merge_summary(proposal_dir(out) / "summary.json", summary, params)
     return summary
 
 
 def _propose_case(job) -> tuple[int, float]:
     """One case: read, propose, write atomically. Returns (number of proposals, seconds)."""
-    import SimpleITK as sitk
-
     run_one, image_path, out_path, backend, params = job
     image = read_image(image_path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -173,8 +155,6 @@ def _propose_case(job) -> tuple[int, float]:
 
 def _merge_summary(path: Path, summary: dict, params: dict) -> None:
     """summary.json accumulates per-case figures across shards and reruns (last writer wins per case)."""
-    from mass_nnu.io import save_json_atomic
-
     previous = json.loads(path.read_text()) if path.is_file() else {"per_case": {}}
     per_case = {**previous.get("per_case", {}), **summary["per_case"]}
     save_json_atomic({"backend": summary["backend"], "params": params, "per_case": per_case,
@@ -185,15 +165,11 @@ def _merge_summary(path: Path, summary: dict, params: dict) -> None:
 
 def evaluate_recall(dataset, labels_dir: str | Path, threshold: float = 0.5) -> dict:
     """Best IoU per ground-truth structure for every case with proposals; recall = fraction ≥ threshold."""
-    import SimpleITK as sitk
-
-    from mass_nnu.adapter.datasets import load_dataset_json
-    from mass_nnu.proposals.evaluate import best_iou_per_structure
-
+    dataset = Dataset.resolve(dataset)
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise MassError(f"{labels_dir}: --eval-labels folder not found")
-    ending = load_dataset_json(dataset).get("file_ending", ".nii.gz")
+    ending = dataset.file_ending
     per_case, best_all = {}, []
     for path in sorted(proposal_dir(dataset).glob("*.npz")):
         case = path.stem

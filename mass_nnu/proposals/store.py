@@ -11,19 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
+from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.errors import MassError
 from mass_nnu.io import atomic_path
 
 FOLDER = "proposalsTr"
 
 
-def proposal_dir(dataset) -> Path:
-    from mass_nnu.adapter.datasets import raw_dir
-
-    return raw_dir(dataset) / FOLDER
+def proposal_dir(dataset: Dataset) -> Path:
+    return dataset.raw / FOLDER
 
 
-def proposal_path(dataset, case_id: str) -> Path:
+def proposal_path(dataset: Dataset, case_id: str) -> Path:
     return proposal_dir(dataset) / f"{case_id}.npz"
 
 

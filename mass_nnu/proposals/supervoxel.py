@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import ndimage
+from scipy.ndimage import gaussian_filter
+from skimage.segmentation import slic
+from sklearn.cluster import KMeans
 
 from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
 
@@ -27,8 +31,6 @@ class SupervoxelSettings:
 
 def bias_corrected(image: np.ndarray, foreground: np.ndarray, spacing, sigma_mm: float) -> np.ndarray:
     """Divide by the smooth local mean inside the foreground (removes slow intensity drifts, e.g. MRI bias)."""
-    from scipy.ndimage import gaussian_filter
-
     if sigma_mm <= 0 or image[foreground].min() <= 0:  # CT-like (negative HU): intensities are absolute
         return image
     sigma = [sigma_mm / s for s in spacing]
@@ -44,8 +46,6 @@ def normalise(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 
 
 def slic_layers(image01, foreground, spacing, s: SupervoxelSettings) -> list[np.ndarray]:
-    from skimage.segmentation import slic
-
     layers = []
     for n in s.slic_segments:
         labels = slic(image01, n_segments=n, compactness=s.slic_compactness, channel_axis=None, spacing=spacing,
@@ -56,9 +56,6 @@ def slic_layers(image01, foreground, spacing, s: SupervoxelSettings) -> list[np.
 
 def intensity_classes(image01, foreground, k: int, seed: int) -> np.ndarray:
     """k-means of smoothed intensities inside the foreground; class map 1..k (0 outside)."""
-    from scipy.ndimage import gaussian_filter
-    from sklearn.cluster import KMeans
-
     smooth = gaussian_filter(image01, 0.7)
     values = smooth[foreground].reshape(-1, 1)
     sample = values[np.random.default_rng(seed).choice(len(values), min(len(values), 20000), replace=False)]
@@ -73,8 +70,6 @@ def intensity_classes(image01, foreground, k: int, seed: int) -> np.ndarray:
 
 def components(classes: np.ndarray) -> np.ndarray:
     """Connected components of every class, as one instance map."""
-    from scipy import ndimage
-
     out = np.zeros(classes.shape, np.uint16)
     offset = 0
     for c in np.unique(classes[classes > 0]):
@@ -101,8 +96,6 @@ def principal_halves(foreground: np.ndarray, spacing) -> list[np.ndarray]:
 
 def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None) -> np.ndarray:
     """Proposals for one (Z, Y, X) image with spacing in the same order -> uint16 (L, Z, Y, X)."""
-    from scipy import ndimage
-
     s = settings or SupervoxelSettings()
     image = np.nan_to_num(image.astype(np.float32))
     foreground = foreground_mask(image)

@@ -7,47 +7,23 @@ nnU-Net's own integrity check (``--verify_dataset_integrity``) prints such probl
 """
 from __future__ import annotations
 
-import gzip
-import json
-import re
-import zlib
 from pathlib import Path
 
+import nibabel
 import numpy as np
+import SimpleITK as sitk
 
+from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.errors import MassError
+from mass_nnu.io import read_image
 
 GEOMETRY_TOLERANCE = 1e-3  # relative for spacing, absolute (mm) for origin, absolute for direction cosines
 
 
-def read_image(path: Path):
-    """SimpleITK's image, after checking the file is complete (ITK fills a truncated .nii.gz with zeros)."""
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        elif path.name.endswith(".nii"):
-            pixel_bytes = sitk.GetArrayViewFromImage(image).dtype.itemsize * image.GetNumberOfComponentsPerPixel()
-            if path.stat().st_size < int(np.prod(image.GetSize())) * pixel_bytes:
-                raise EOFError("file shorter than its header says")
-    except (RuntimeError, EOFError, OSError, zlib.error) as e:
-        detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else "unreadable"
-        raise MassError(f"{path}: not a readable image, corrupt or truncated ({detail})") from None
-    return image
-
-
-def read_dataset_json(folder: Path) -> dict:
-    path = folder / "dataset.json"
-    if not path.is_file():
-        raise MassError(f"{path}: missing; every nnU-Net raw dataset needs a dataset.json")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MassError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+def check_dataset_json(dataset: Dataset) -> dict:
+    """The raw dataset.json, with the entries planning needs."""
+    meta = dataset.dataset_json(raw_only=True)
+    path = dataset.raw / "dataset.json"
     for key in ("labels", "file_ending"):
         if key not in meta:
             raise MassError(f"{path}: no '{key}' entry")
@@ -58,8 +34,6 @@ def read_dataset_json(folder: Path) -> dict:
 
 def check_image(path: Path, image) -> None:
     """``image`` (read from ``path``) is 3D, scalar, finite and not constant."""
-    import SimpleITK as sitk
-
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise MassError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; nnU-Net needs one "
                         f"file per channel (_0000, _0001, ...)")
@@ -68,8 +42,6 @@ def check_image(path: Path, image) -> None:
     array = sitk.GetArrayViewFromImage(image)
     stored = array
     if path.name.endswith((".nii", ".nii.gz")):  # ITK's NIfTI reader turns NaN into 0; read the stored values
-        import nibabel
-
         stored = np.asanyarray(nibabel.load(str(path)).dataobj)
     finite = np.isfinite(stored)
     if not finite.all():
@@ -101,43 +73,32 @@ def declared_labels(meta: dict) -> set[int]:
     return values
 
 
-def check_raw_dataset(folder: Path) -> int:
-    """Check every training case of a raw dataset folder; returns the number of cases. Labels are optional
-    (unlabelled pretraining cohorts), but a label that exists must fit its image and dataset.json."""
-    import SimpleITK as sitk
-
-    meta = read_dataset_json(folder)
-    ending = meta["file_ending"]
+def check_raw_dataset(dataset: Dataset) -> int:
+    """Check every training case of a raw dataset; returns the number of cases. Labels are optional (unlabelled
+    pretraining cohorts), but a label that exists must fit its image and dataset.json."""
+    meta = check_dataset_json(dataset)
     num_channels = len(meta.get("channel_names", meta.get("modality", {})))
-    images_dir = folder / "imagesTr"
+    images_dir = dataset.raw / "imagesTr"
     if not images_dir.is_dir():
         raise MassError(f"{images_dir}: missing; nnU-Net raw datasets keep their training images here")
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
-    channels: dict[str, set[int]] = {}
-    for path in sorted(images_dir.iterdir()):
-        match = pattern.match(path.name)
-        if path.name.startswith(".") or not path.name.endswith(ending):
-            continue
-        if not match:
-            raise MassError(f"{path}: not named <case>_<XXXX>{ending} (nnU-Net's channel suffix)")
-        channels.setdefault(match.group(1), set()).add(int(match.group(2)))
-    if not channels:
-        raise MassError(f"{images_dir}: no images ending in {ending}")
+    cases = dataset.cases()
+    if not cases:
+        raise MassError(f"{images_dir}: no images ending in {meta['file_ending']}")
     allowed = declared_labels(meta)
-    for case, found in channels.items():
-        if found != set(range(num_channels)):
-            raise MassError(f"{images_dir / f'{case}_0000{ending}'}: case has channel files "
-                            f"{sorted(f'{c:04d}' for c in found)}, dataset.json declares {num_channels} channel(s)")
+    for case, files in cases.items():
+        if set(files) != set(range(num_channels)):
+            raise MassError(f"{dataset.image_file(case)}: case has channel files "
+                            f"{sorted(f'{c:04d}' for c in files)}, dataset.json declares {num_channels} channel(s)")
         first = None
-        for channel in sorted(found):
-            path = images_dir / f"{case}_{channel:04d}{ending}"
+        for channel in sorted(files):
+            path = files[channel]
             image = read_image(path)
             check_image(path, image)
             if first is None:
                 first = image
             else:
                 check_geometry(path, image, first)
-        label_path = folder / "labelsTr" / f"{case}{ending}"
+        label_path = dataset.label_file(case)
         if not label_path.exists():
             continue
         label = read_image(label_path)
@@ -150,7 +111,7 @@ def check_raw_dataset(folder: Path) -> int:
             raise MassError(f"{label_path}: label value(s) {unknown} are not in dataset.json's labels "
                             f"{sorted(allowed)}")
     expected = meta.get("numTraining")
-    if expected is not None and int(expected) != len(channels):
-        raise MassError(f"{folder / 'dataset.json'}: numTraining is {expected} but imagesTr holds {len(channels)} "
+    if expected is not None and int(expected) != len(cases):
+        raise MassError(f"{dataset.raw / 'dataset.json'}: numTraining is {expected} but imagesTr holds {len(cases)} "
                         f"case(s)")
-    return len(channels)
+    return len(cases)
