@@ -1,6 +1,7 @@
 """`mass demo`: demo data → plan → propose → pretrain → finetune (MASS and scratch) → in-context → summary.
 
-Each step runs the same `mass` command a user would type, in-process, so the demo is also a walkthrough.
+Each step runs the same `mass` command a user would type, in-process (the CLI hands its own command runner in), so
+the demo is also a walkthrough.
 The default preset fits 15 minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -26,9 +27,9 @@ PRESETS = {
 }
 
 
-def run_demo(run_command: Callable[[list[str]], None], workspace: str | None = None, seed: int = 0, device: str = "cpu", pretrain_epochs: int = 6,
-             pretrain_iterations: int = 15, finetune_epochs: int = 6, finetune_iterations: int = 15,
-             finetune_batch_size: int = 2,
+def run_demo(run_command: Callable[[list[str]], None], workspace: str | None = None, seed: int = 0,
+             device: str = "cpu", verbose: bool = False, pretrain_epochs: int = 6, pretrain_iterations: int = 15,
+             finetune_epochs: int = 6, finetune_iterations: int = 15, finetune_batch_size: int = 2,
              num_labeled: int = 2, num_pretrain: int = 20, num_train: int = 10, num_test: int = 5) -> dict:
     """Run every stage with ``run_command(["plan", "-d", ...])`` (the CLI's own commands, in-process), then print
     the summary. A failing step stops the demo with its own error."""
@@ -49,7 +50,7 @@ def run_demo(run_command: Callable[[list[str]], None], workspace: str | None = N
         step("demo data", "demo-data", "--small", "--seed", seed, "--num-pretrain", num_pretrain,
              "--num-train", num_train, "--num-test", num_test)
     step("plan", "plan", "-d", DEMO_PRETRAIN_ID, "--target-dataset", DEMO_DOWNSTREAM_ID, "-np", 2,
-         "--base-features", BASE_FEATURES)
+         "--base-features", BASE_FEATURES, *(["--verbose"] if verbose else []))
     step("propose", "propose", "-d", DEMO_PRETRAIN_ID, "-np", 2)
     step("pretrain", "pretrain", "-d", DEMO_PRETRAIN_ID, "-p", PLANS, "-c", CONFIG, "--epochs", pretrain_epochs,
          "--iters-per-epoch", pretrain_iterations, "-device", device, "--seed", seed)

@@ -71,6 +71,9 @@ def test_plan_cli_several_pretraining_datasets(nnunet_env, run_cli):
     result = run_cli("plan", "-d", "806", "-d", "807", "--target-dataset", "805", "-np", "1", "--no-pp")
     assert result.exit_code == 0, result.output
     assert "wrote Otsu foreground masks" in result.stdout and len(list((folder / "labelsTr").iterdir())) == 2
+    # quiet by default: nnU-Net's plans dicts go to the log file, not the screen
+    log = Dataset.resolve(805).preprocessed / "mass_plan_log.txt"
+    assert "3D fullres U-Net configuration" not in result.output and "3D fullres U-Net configuration" in log.read_text()
     table = result.stdout[result.stdout.index("dataset | spacing"):].splitlines()
     assert [row.split(" | ")[0] for row in table[1:4]] == ["Dataset805_PlanMe", "Dataset806_PreA", "Dataset807_PreB"]
     assert all("ResidualEncoderUNet" in row and "CTNormalization" in row for row in table[1:4])

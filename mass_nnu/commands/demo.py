@@ -49,6 +49,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "-device", help="cpu or cuda"),
     quick: bool = typer.Option(False, "--quick", help="A smoke run of every stage (a few iterations each)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show nnU-Net's own planning output."),
 ) -> None:
     """Run the whole pipeline on the small MNI demo data and print a summary (≤ 15 min on 2 CPU cores)."""
     from mass_nnu.demo_pipeline import PRESETS, run_demo
@@ -60,4 +61,5 @@ def demo(
         if isinstance(code, int) and code:
             raise typer.Exit(code)
 
-    run_demo(run_command, workspace=workspace, seed=seed, device=device, **PRESETS["quick" if quick else "default"])
+    run_demo(run_command, workspace=workspace, seed=seed, device=device, verbose=verbose,
+             **PRESETS["quick" if quick else "default"])

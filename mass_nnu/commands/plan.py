@@ -17,12 +17,14 @@ def plan(
     verify: bool = typer.Option(False, "--verify_dataset_integrity", help="Run nnU-Net's integrity check first."),
     base_features: Optional[int] = typer.Option(None, "--base-features", min=4,
                                                 help="U-Net width of the first stage (nnU-Net: 32); smaller = CPU preset, plans '<name>_f<N>'."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show nnU-Net's own planning output (default: in <preprocessed dataset>/mass_plan_log.txt)."),
 ) -> None:
     """Fingerprint, plan and preprocess with nnU-Net; pretraining datasets can take a target's architecture."""
     from mass_nnu.planning.plan import plan_datasets, summary_table
 
     identifier = plan_datasets(dataset, planner, configuration, num_processes, target_dataset,
-                               preprocess=not no_preprocess, verify=verify, base_features=base_features)
+                               preprocess=not no_preprocess, verify=verify, base_features=base_features,
+                               verbose=verbose)
     shown = ([target_dataset] if target_dataset else []) + [d for d in dataset if d != target_dataset]
     typer.echo(f"\nplans '{identifier}', configuration {configuration[0]}:")
     typer.echo(summary_table(shown, identifier, configuration[0]))

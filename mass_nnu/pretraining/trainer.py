@@ -42,15 +42,16 @@ from mass_nnu.pretraining.sampling import BatchStream, CaseSource, SamplerSettin
 
 @dataclass
 class PretrainSettings:
+    """What a `mass pretrain` run trains with; stored in its checkpoints (``settings``)."""
     epochs: int = 50
     iterations_per_epoch: int = 50
-    val_iterations: int = 4
+    val_iterations: int = 4         # fixed held-out batches scored after every epoch
     batch_size: int = 2
-    lr: float = 1e-3
+    lr: float = 1e-3                # OneCycle peak
     weight_decay: float = 1e-2
-    warmup_fraction: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
+    warmup_fraction: float = 0.05   # OneCycle's rising part
+    grad_clip: float = 1.0          # gradient-norm clipping
+    ema_decay: float = 0.99         # the exported weights are this EMA
     optimizer: str = "adamw"
     seed: int = 0
     num_workers: int = 0

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mass_nnu.errors import MassError
 from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
@@ -46,7 +47,7 @@ def load_sam2(checkpoint: str | None, config: str | None, device: str = "cpu",
                         "(e.g. configs/sam2.1/sam2.1_hiera_l.yaml); weights are never downloaded")
     if not Path(checkpoint).is_file():
         raise MassError(f"{checkpoint}: SAM 2 checkpoint not found")
-    try:
+    try:  # an optional dependency: imported only when the backend is used
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
         from sam2.build_sam import build_sam2, build_sam2_video_predictor
     except ImportError:
@@ -113,8 +114,6 @@ def propagate(models: Sam2Models, frame_dir: str, seed: int, masks: list[np.ndar
 
 def sam2_proposals(image: np.ndarray, spacing, models: Sam2Models, settings: Sam2Settings | None = None) -> np.ndarray:
     """Proposals for one (Z, Y, X) image -> uint16 (L, Z, Y, X)."""
-    from PIL import Image
-
     s = settings or Sam2Settings()
     image = np.nan_to_num(image.astype(np.float32))
     foreground = foreground_mask(image)
