@@ -36,6 +36,7 @@ VENTRICLE_GROWTH_SIGMA_MM = 20.0  # falloff of the radial expansion about the ve
 T2_LIKE = {"csf": 1.0, "gm": 0.55, "wm": 0.3}  # T2-like contrast from tissue maps: CSF bright, WM dark
 
 
+PRETRAIN_NAME, DOWNSTREAM_NAME = "MNIPretrain", "MNISeg"  # Dataset501_MNIPretrain, Dataset502_MNISeg
 DOWNSTREAM_SEED_OFFSET = 7919  # Dataset502's base seed is seed + this; Dataset501's is seed itself
 
 
@@ -273,8 +274,8 @@ def write_mni_datasets(pretrain_id: int = 501, downstream_id: int = 502, num_pre
     Both target folders are checked before anything is written; each one appears only when complete."""
     if pretrain_id == downstream_id:
         raise MassError(f"dataset IDs: the pretraining and downstream IDs must differ (both {pretrain_id})")
-    plan = [(pretrain_id, "MNIPretrain", [("Tr", num_pretrain)], seed, False, PRETRAIN_WARP),
-            (downstream_id, "MNISeg", [("Tr", num_train), ("Ts", num_test)], seed + DOWNSTREAM_SEED_OFFSET, True,
+    plan = [(pretrain_id, PRETRAIN_NAME, [("Tr", num_pretrain)], seed, False, PRETRAIN_WARP),
+            (downstream_id, DOWNSTREAM_NAME, [("Tr", num_train), ("Ts", num_test)], seed + DOWNSTREAM_SEED_OFFSET, True,
              DOWNSTREAM_WARP)]
     folders = tuple(check_new_dataset(dataset_id, name, force) for dataset_id, name, *_ in plan)
     with tqdm(total=num_pretrain + num_train + num_test, desc="MNI demo subjects", unit="case", disable=None) as bar:
