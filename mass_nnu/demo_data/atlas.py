@@ -106,8 +106,11 @@ def fetch_atlases(source: str | Path | None = None, cache: Path | None = None) -
     cache = Path(cache) if cache else default_cache()
     if source is not None and Path(source).is_dir():
         return atlas_folder(Path(source))
-    if source is None and (cache / TEMPLATES_DIR).is_dir():
-        return atlas_folder(cache)
+    if source is None:
+        try:
+            return atlas_folder(cache)
+        except MassError:
+            pass  # not (completely) cached: download
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix=f".{PACKAGE}.") as tmp:
         deb = Path(source) if source is not None else _apt_download(Path(tmp))
@@ -152,9 +155,12 @@ def find_atlases(source: str | Path | None = None, fetch: bool = False,
     ``source`` and ``fetch``, only an existing cache is used (no download)."""
     cache = Path(cache) if cache else default_cache()
     try:
-        if source is None and not fetch and not (cache / TEMPLATES_DIR).is_dir():
-            raise MassError(f"{cache}: no {PACKAGE} atlases cached (run `mass demo-data --fetch-atlases` "
-                            f"or pass --atlas-deb FILE.deb)")
+        if source is None and not fetch:
+            try:
+                return atlas_folder(cache), None
+            except MassError:
+                raise MassError(f"{cache}: no {PACKAGE} atlases cached (run `mass demo-data --fetch-atlases` "
+                                f"or pass --atlas-deb FILE.deb)") from None
         return fetch_atlases(source, cache), None
     except MassError as error:
         return None, (f"atlas labels unavailable: {error}; Dataset{ATLAS_ID}_{ATLAS_NAME} gets the tissue labels "

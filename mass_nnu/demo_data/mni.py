@@ -125,7 +125,9 @@ def _random_displacement(reference, rng: np.random.Generator, warp: Warp):
     scale = rng.uniform(*warp.scale, 3 if warp.per_axis_scale else None)
     affine.SetScale(tuple(float(s) for s in scale) if warp.per_axis_scale else float(scale))
     affine.SetTranslation(tuple(rng.uniform(-warp.shift_mm, warp.shift_mm, 3)))
-    bspline = sitk.BSplineTransformInitializer(reference, [warp.mesh_cells] * 3)
+    # the B-spline's domain must hold the whole output grid: outside it, the displacement drops to zero
+    domain = _output_grid(reference, reference.GetSpacing(), warp.grid_pad_mm)
+    bspline = sitk.BSplineTransformInitializer(domain, [warp.mesh_cells] * 3)
     bspline.SetParameters(tuple(rng.normal(0, warp.bspline_mm, len(bspline.GetParameters()))))
     composite = sitk.CompositeTransform([affine, bspline])
 
