@@ -67,8 +67,14 @@ def test_atlas_groups_lie_on_the_template(atlas_folder):
 
 def test_atlas_dataset(nnunet_env, atlas_folder):
     from mass_nnu.adapter.verify import verify_raw_dataset
-    from mass_nnu.demo_data.atlas import (ATLAS_LABELS, ATLAS_SEED_OFFSET, CORTEX_GROUPS, TRACT_GROUPS,
-                                          make_atlas_subject, write_atlas_dataset)
+    from mass_nnu.demo_data.atlas import (
+        ATLAS_LABELS,
+        ATLAS_SEED_OFFSET,
+        CORTEX_GROUPS,
+        TRACT_GROUPS,
+        make_atlas_subject,
+        write_atlas_dataset,
+    )
     from mass_nnu.demo_data.mni import subject_seed
 
     folder = write_atlas_dataset(503, num_train=2, num_test=1, small=True, seed=3, atlas=atlas_folder)

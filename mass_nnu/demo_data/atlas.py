@@ -139,7 +139,7 @@ def _apt_download(folder: Path) -> Path:
 
 def _run(command: list[str], what: str, cwd: Path | None = None) -> None:
     try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     except FileNotFoundError:
         raise MassError(f"{command[0]}: not found (a Debian-based system is needed for {what})") from None
     except subprocess.TimeoutExpired:
@@ -163,19 +163,18 @@ def find_atlases(source: str | Path | None = None, fetch: bool = False,
                                 f"or pass --atlas-deb FILE.deb)") from None
         return fetch_atlases(source, cache), None
     except MassError as error:
-        return None, (f"atlas labels unavailable: {error}; Dataset{ATLAS_ID}_{ATLAS_NAME} gets the tissue labels "
-                      f"of Dataset502 instead")
+        return None, f"atlas labels unavailable: {error}; {ATLAS_NAME} gets the tissue labels of Dataset502 instead"
 
 
 def read_label_image(path: Path):
-    """A label NIfTI as a SimpleITK image placed by its sform (FSL's; the qform of both mricron-data atlases
-    disagrees with it and is wrong), in ITK's LPS world frame."""
+    """A label NIfTI as a SimpleITK image placed by its sform (FSL's; both mricron-data atlases carry a qform that
+    disagrees with it, the HarvardOxford one by 126 mm, and SimpleITK's reader would pick it), in ITK's LPS frame."""
     try:
         nifti = nibabel.load(str(path))
         affine, code = nifti.get_sform(coded=True)
         ras = affine if code else nifti.get_qform()
         data = np.asarray(nifti.dataobj)
-    except Exception as error:  # nibabel raises many kinds for damaged files
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError) as error:
         raise MassError(f"{path}: unreadable NIfTI ({error})") from None
     lps = np.diag([-1.0, -1.0, 1.0]) @ ras[:3]
     spacing = np.linalg.norm(lps[:, :3], axis=0)
