@@ -14,13 +14,18 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed; the downstream set uses a different derived seed."),
     pretrain_id: int = typer.Option(501, "--pretrain-id", help="Dataset ID of the unlabelled cohort."),
     downstream_id: int = typer.Option(502, "--downstream-id", help="Dataset ID of the labelled dataset."),
+    atlas_id: int = typer.Option(503, "--atlas-id", help="Dataset ID of the labelled atlas set (HarvardOxford/JHU groups, large variation, T1 or T2-like)."),
+    fetch_atlases: bool = typer.Option(False, "--fetch-atlases", help="Get Debian's mricron-data (apt-get download, unpacked into $MASS_CACHE or ~/.cache/mass-nnu) if not cached yet."),
+    atlas_deb: str = typer.Option(None, "--atlas-deb", help="A downloaded mricron-data .deb, or a folder it was unpacked into (dpkg-deb -x)."),
     phantom: bool = typer.Option(False, "--phantom", help=f"Also write the CT-like phantom pair (IDs {PHANTOM_IDS[0]} unlabelled, {PHANTOM_IDS[1]} labelled)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing dataset folders."),
 ) -> None:
-    """Write the MNI152 demo datasets (nilearn's template, no download) into nnUNet_raw."""
+    """Write the MNI152 demo datasets (nilearn's template) into nnUNet_raw; the atlas set's labels need mricron-data
+    (--fetch-atlases once), else it gets tissue labels, with one warning line."""
     import time
 
-    from mass_nnu.demo_data.mni import write_mni_datasets
+    from mass_nnu.demo_data.atlas import ATLAS_NAME, find_atlases, write_atlas_dataset
+    from mass_nnu.demo_data.mni import DOWNSTREAM_NAME, PRETRAIN_NAME, write_mni_datasets
     from mass_nnu.demo_data.phantom import write_phantom_dataset
     from mass_nnu.demo_data.writer import check_new_dataset, dataset_summary
     from mass_nnu.errors import MassError
@@ -30,12 +35,17 @@ def demo_data(
                          labelled=False),
                     dict(dataset_id=PHANTOM_IDS[1], name="PhantomSeg", num_train=num_train, num_test=num_test,
                          seed=seed + 1)] if phantom else []
-    ids = [pretrain_id, downstream_id] + [job["dataset_id"] for job in phantom_jobs]
+    ids = [pretrain_id, downstream_id, atlas_id] + [job["dataset_id"] for job in phantom_jobs]
     if len(set(ids)) < len(ids):
         raise MassError(f"dataset IDs {ids}: must all differ (the phantom pair uses {PHANTOM_IDS})")
-    for job in phantom_jobs:  # refuse before writing anything
-        check_new_dataset(job["dataset_id"], job["name"], force)
+    targets = [(pretrain_id, PRETRAIN_NAME), (downstream_id, DOWNSTREAM_NAME), (atlas_id, ATLAS_NAME)]
+    for dataset_id, name in targets + [(job["dataset_id"], job["name"]) for job in phantom_jobs]:
+        check_new_dataset(dataset_id, name, force)  # refuse before fetching or writing anything
+    atlas, fallback = find_atlases(atlas_deb, fetch=fetch_atlases)
+    if fallback:
+        typer.echo(f"warning: {fallback}", err=True)
     folders = write_mni_datasets(pretrain_id, downstream_id, num_pretrain, num_train, num_test, small, seed, force)
+    folders += (write_atlas_dataset(atlas_id, num_train, num_test, small, seed, force, atlas),)
     shape = (32, 40, 40) if small else (96, 128, 128)
     folders += tuple(write_phantom_dataset(**job, shape=shape, force=force) for job in phantom_jobs)
     for folder in folders:

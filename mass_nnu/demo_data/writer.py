@@ -63,10 +63,11 @@ def write_image(array: np.ndarray, spacing_zyx, path: Path, *, origin_xyz=(0.0, 
 
 
 def write_dataset_json(folder: Path, channel: str, labels: dict[str, int], num_training: int,
-                       description: str, name: str) -> None:
+                       description: str, name: str, extra: dict | None = None) -> None:
+    """dataset.json with nnU-Net's keys, plus ``extra`` keys (nnU-Net ignores keys it does not know)."""
     meta = {"channel_names": {"0": channel}, "labels": labels, "numTraining": num_training,
             "file_ending": ".nii.gz", "name": name, "description": description,
-            "reference": "mass-nnu demo data", "licence": "see docs/demo_data.md"}
+            "reference": "mass-nnu demo data", "licence": "see docs/demo_data.md", **(extra or {})}
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
 
 
