@@ -107,9 +107,13 @@ def test_ddp_gloo_two_processes(experiment_env, tmp_path):
 def test_stock_nnunet_train_accepts_our_weights_file(uninterrupted, experiment_env, tmp_path):
     """`nnUNetv2_train <downstream> 3d_fullres <fold> -pretrained_weights <our export>` starts and trains; only
     nnU-Net's own loader touches the weights (our trainer is told to start from scratch)."""
+    from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.adapter.training import fold_cases
     from mass_nnu.workspace import register_trainer_shim
 
     register_trainer_shim()
+    downstream = Dataset.resolve(experiment_env["downstream"])  # 4 cases: nnU-Net needs our splits_final.json
+    fold_cases(downstream, downstream.plans(experiment_env["plans"]), "3d_fullres", 3)
     weights = uninterrupted / "nnunet_pretrained_weights.pth"
     env = {**os.environ, "MASS_PRETRAINED_WEIGHTS": "scratch", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
            "OMP_NUM_THREADS": "1"}

@@ -24,7 +24,9 @@ def benchmark(
 ) -> None:
     """Fine-tune MASS and the from-scratch twin per budget and seed; write results.csv/json, a table and a plot."""
     from mass_nnu.evaluation.label_efficiency import run_benchmark
+    from mass_nnu.finetuning.settings import FinetuneSettings
 
-    table = run_benchmark(dataset, weights, budgets, seeds, epochs, iters_per_epoch, configuration, fold,
-                          incontext, device, out, batch_size=batch_size, learning_rate=lr, head=head)
+    schedule = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch, initial_lr=lr,
+                                batch_size=batch_size, mirroring=False, head=head)
+    table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, incontext, device, out)
     typer.echo(table)

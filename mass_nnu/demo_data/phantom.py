@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from mass_nnu.demo_data.writer import dataset_folder, new_dataset, write_dataset_json, write_image
 
 # label, name, HU mean
 ORGANS = [
@@ -23,8 +26,6 @@ def _ellipsoid(grid, center, radii):
 
 def make_phantom_case(shape=(32, 40, 40), seed: int = 0, noise_hu: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
     """One (image HU float32, label uint8) pair on a (z, y, x) grid; geometry jitters with the seed."""
-    from scipy.ndimage import gaussian_filter
-
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
     grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
@@ -70,8 +71,6 @@ def write_phantom_dataset(dataset_id: int, name: str, num_train: int, num_test: 
                           force: bool = False) -> Path:
     """An nnU-Net raw dataset of CT-like phantoms. Unlabelled cohorts still get a body mask as their only label,
     because nnU-Net's fingerprinting needs a label file per case."""
-    from mass_nnu.demo_data.writer import dataset_folder, new_dataset, write_dataset_json, write_image
-
     final = dataset_folder(dataset_id, name)
     labels = ({"background": 0, **{n: v for v, n, _ in ORGANS}} if labelled
               else {"background": 0, "foreground": 1})

@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import SimpleITK as sitk
 
+from mass_nnu.adapter.datasets import raw_root
 from mass_nnu.errors import MassError
 
 
 def dataset_folder(dataset_id: int, name: str) -> Path:
-    from mass_nnu.adapter.datasets import raw_root
-
     return raw_root() / f"Dataset{dataset_id:03d}_{name}"
 
 
 def check_new_dataset(dataset_id: int, name: str, force: bool = False) -> Path:
     """The folder ``DatasetXXX_Name`` to write, or a MassError if the ID is taken or the folder exists."""
-    from mass_nnu.adapter.datasets import raw_root
-
     final = dataset_folder(dataset_id, name)
     clashes = [p for p in raw_root().glob(f"Dataset{dataset_id:03d}_*") if p.name != final.name]
     if clashes:
@@ -51,8 +49,6 @@ def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Pat
 def write_image(array: np.ndarray, spacing_zyx, path: Path, *, origin_xyz=(0.0, 0.0, 0.0), direction=None,
                 dtype=np.float32) -> None:
     """Write a (z, y, x) array as NIfTI with SimpleITK (spacing given in array order)."""
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype)))
     image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     image.SetOrigin(tuple(float(o) for o in origin_xyz))
@@ -73,8 +69,6 @@ def write_dataset_json(folder: Path, channel: str, labels: dict[str, int], num_t
 
 def dataset_summary(folder: Path) -> str:
     """One line: case counts per split, label count, shape and spacing ranges (from the image headers)."""
-    import SimpleITK as sitk
-
     meta = json.loads((folder / "dataset.json").read_text())
     counts, shapes, spacings = [], [], []
     for split, word in (("Tr", "train"), ("Ts", "test")):

@@ -109,11 +109,11 @@ def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], o
     return run_one
 
 
-def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: int, iterations: int,
+def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule: FinetuneSettings,
                   configuration: str = "3d_fullres", fold: str = "0", incontext: bool = False, device: str = "cpu",
-                  out: str | None = None, mirroring: bool = False, batch_size: int | None = None,
-                  learning_rate: float | None = None, head: str = "auto") -> str:
-    """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table."""
+                  out: str | None = None) -> str:
+    """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table.
+    ``schedule`` is every cell's fine-tuning (the budget and seed are the cell's)."""
     dataset = Dataset.resolve(dataset)
     if not (dataset.raw / "labelsTs").is_dir():
         raise MassError(f"{dataset.raw}: no labelsTs; the benchmark evaluates on the held-out imagesTs/labelsTs")
@@ -123,17 +123,18 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, epochs: 
     train_cases, _ = fold_cases(dataset, plans, configuration, fold if fold == "all" else int(fold))
     out_dir = Path(out) if out else dataset.results / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
-    head, _ = choose_head(head, weights_path)
-    settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold), "epochs": epochs,
-                "iterations_per_epoch": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
-                "mirroring": mirroring, "head": head}
-    schedule = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iterations, initial_lr=learning_rate,
-                                batch_size=batch_size, mirroring=mirroring, head=head)
+    head, _ = choose_head(schedule.head or "auto", weights_path)
+    schedule = replace(schedule, head=head)
+    settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold),
+                "epochs": schedule.num_epochs, "iterations_per_epoch": schedule.num_iterations_per_epoch,
+                "batch_size": schedule.batch_size, "learning_rate": schedule.initial_lr,
+                "mirroring": bool(schedule.mirroring), "head": head}
     finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule)
     cells = run_cells(out_dir, parsed, seeds, METHODS, finetune, settings)
     if incontext:
         run_ic = _incontext_cell(dataset, weights_path, device, train_cases, out_dir / "incontext")
         cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic,
                            {k: settings[k] for k in ("weights", "configuration", "fold")})
-    title = f"{dataset}: MASS vs scratch ({epochs} epochs × {iterations} iterations, {seeds} seed(s))"
+    title = (f"{dataset}: MASS vs scratch ({schedule.num_epochs} epochs × {schedule.num_iterations_per_epoch} "
+             f"iterations, {seeds} seed(s))")
     return write_report(cells, out_dir, title)
