@@ -100,7 +100,7 @@ def test_view_centres_overlap_by_the_definition():
 def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
     """Patch much smaller than the volume: tasks = proposals the reference view holds; masks = crops of the
     proposals; a task may leave the query view and then stays as an empty (valid) target."""
-    from mass_nnu.pretraining.sampling import crop, crop_box, crop_overlap
+    from mass_nnu.pretraining.sampling import crop, crop_overlap
 
     sampler, folder, _, _ = _sampler(experiment_env, patch=(12, 12, 12))
     s = sampler.settings
@@ -111,7 +111,6 @@ def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
             layers = f["layers"]
         ref, query = drawn["centers"]
         assert crop_overlap(ref, query, sampler.context) >= s.min_overlap
-        low, high = crop_box(ref, sampler.patch_size)
         tasks = drawn["tasks"]
         assert 1 <= len(tasks) <= s.max_tasks - 1 and len({tuple(t[:2]) for t in tasks}) == len(tasks)
         assert layers[tasks[0][0]][tuple(drawn["anchor"])] == tasks[0][1]  # the anchor lies in task 0

@@ -173,13 +173,6 @@ def view_centres(anchor, patch_size, context, settings: SamplerSettings,
     return ref, ref + offset
 
 
-@dataclass
-class CaseSource:
-    data_folder: Path
-    proposals_folder: Path
-    case_id: str
-
-
 def proposals_in_crop(layers: np.ndarray, stats: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Voxels of every proposal (stats row) inside the box [low, high) of ``layers`` (L, *S); rows whose bounding
     box misses the box are 0 without being counted."""
