@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 
-def _sampler(experiment, max_tasks=13):
+def _sampler(experiment, max_tasks=13, patch=None):
     from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.preprocessed import data_folder
     from mass_nnu.pretraining.sampling import CaseSource, SamplerSettings, TaskSampler, prepare_proposals
@@ -15,7 +15,7 @@ def _sampler(experiment, max_tasks=13):
     plans = Dataset.resolve(experiment["pretrain"]).plans(experiment["plans"])
     folder, cases = prepare_proposals(experiment["pretrain"], plans, experiment["configuration"])
     data_dir = data_folder(Dataset.resolve(experiment["pretrain"]), plans, experiment["configuration"])
-    patch = plans["configurations"][experiment["configuration"]]["patch_size"]
+    patch = patch or plans["configurations"][experiment["configuration"]]["patch_size"]
     sources = [CaseSource(data_dir, folder, c) for c in cases]
     return TaskSampler(sources, patch, SamplerSettings(max_tasks=max_tasks)), folder, data_dir, cases
 
@@ -59,13 +59,13 @@ def test_sampler_views_and_tasks(experiment_env):
         assert s["ref_image"].shape[1:] == patch and s["query_image"].shape == s["ref_image"].shape
         assert s["ref_masks"].shape == (13, *patch) and s["query_masks"].shape == (13, *patch)
         assert s["valid"].shape == (13,) and s["valid"].dtype == torch.bool
-        for masks in (s["ref_masks"], s["query_masks"]):
-            assert set(torch.unique(masks).tolist()) <= {0.0, 1.0}
+        assert s["ref_masks"].dtype == torch.bool and s["query_masks"].dtype == torch.bool  # float on the device
+        assert s["ref_image"].dtype == torch.float32
         k = int(s["valid"].sum())
         assert 2 <= k <= 13 and bool(s["valid"][:k].all()) and not bool(s["valid"][k:].any())
         # exactly one all-ones "whole crop" task, the last real slot; padded slots are empty
         assert bool(s["ref_masks"][k - 1].all()) and bool(s["query_masks"][k - 1].all())
-        assert sum(bool(m.all()) for m in s["ref_masks"][:k]) >= 1
+        assert s["ref_masks"][:k].flatten(1).any(1).all()  # every task is in the reference view (no zero token)
         assert not s["ref_masks"][k:].any() and not s["query_masks"][k:].any()
         # the anchor structure is in both views; the views differ (crop and augmentation)
         assert s["ref_masks"][0].sum() > 0 and s["query_masks"][0].sum() > 0
@@ -76,6 +76,82 @@ def test_sampler_respects_max_tasks(experiment_env):
     sampler, _, _, _ = _sampler(experiment_env, max_tasks=4)
     s = sampler.sample(np.random.default_rng(1))
     assert s["ref_masks"].shape[0] == 4 and int(s["valid"].sum()) <= 4
+
+
+def test_view_centres_overlap_by_the_definition():
+    """crop_overlap = |A ∩ B| / |A| of the two context crops (index boxes); here counted box by box."""
+    from mass_nnu.pretraining.sampling import SamplerSettings, crop_box, crop_overlap, view_centres
+
+    settings, patch = SamplerSettings(), (16, 24, 20)
+    context = tuple(p + 2 * round(0.15 * p) for p in patch)
+    shift = np.array([int(0.25 * p) for p in patch])
+    rng, anchor, overlaps = np.random.default_rng(0), np.array([30, 5, 40]), []
+    for _ in range(300):
+        ref, query = view_centres(anchor, patch, context, settings, rng)
+        (a0, a1), (b0, b1) = crop_box(ref, context), crop_box(query, context)
+        inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None))
+        overlap = inter / np.prod(a1 - a0)
+        assert overlap == pytest.approx(crop_overlap(ref, query, context)) and overlap >= 0.67
+        assert (np.abs(ref - anchor) <= shift).all() and (np.abs(query - anchor) <= shift).all()  # both hold it
+        overlaps.append(overlap)
+    assert min(overlaps) < 0.75 and np.mean(overlaps) < 0.95  # the views do move apart
+
+
+def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
+    """Patch much smaller than the volume: tasks = proposals the reference view holds; masks = crops of the
+    proposals; a task may leave the query view and then stays as an empty (valid) target."""
+    from mass_nnu.pretraining.sampling import crop, crop_overlap
+
+    sampler, folder, _, _ = _sampler(experiment_env, patch=(12, 12, 12))
+    s = sampler.settings
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        drawn = sampler.draw(rng)
+        with np.load(folder / f"{drawn['case']}.npz") as f:
+            layers = f["layers"]
+        ref, query = drawn["centers"]
+        assert crop_overlap(ref, query, sampler.context) >= s.min_overlap
+        tasks = drawn["tasks"]
+        assert 1 <= len(tasks) <= s.max_tasks - 1 and len({tuple(t[:2]) for t in tasks}) == len(tasks)
+        assert layers[tasks[0][0]][tuple(drawn["anchor"])] == tasks[0][1]  # the anchor lies in task 0
+        for view, center in zip(drawn["views"], drawn["centers"]):
+            for mask, (layer, label) in zip(view[1], tasks[:, :2]):
+                assert np.array_equal(mask, crop(layers[layer][None], center, sampler.context)[0] == label)
+        inside = [(crop(layers[l][None], ref, sampler.patch_size)[0] == lab).sum() for l, lab in tasks[1:, :2]]
+        assert all(n >= s.min_voxels for n in inside)
+
+    # the rule for views: a task the reference view lacks is dropped, one the query view lacks stays (empty target)
+    context = sampler.context
+    ref_masks, query_masks = np.zeros((3, *context), np.uint8), np.zeros((3, *context), np.uint8)
+    ref_masks[:2], query_masks[0] = 1, 1  # task 1 left the query crop, task 2 is not in the reference crop
+    image = np.random.default_rng(0).normal(size=(1, *context)).astype(np.float32)
+    sampler.draw = lambda rng: {"views": [(image, ref_masks), (image, query_masks)]}
+    sample = sampler.sample(rng)
+    assert sample["valid"].tolist() == [True] * 3 + [False] * (s.max_tasks - 3)  # tasks 0, 1 and the whole crop
+    assert sample["ref_masks"][1].any() and not sample["query_masks"][1].any() and sample["query_masks"][0].any()
+
+
+class _CountingSampler:
+    def batch(self, rng, batch_size):
+        import torch
+
+        return {"x": torch.as_tensor(rng.integers(2 ** 62, size=batch_size))}
+
+
+def test_stream_is_the_same_for_any_workers_and_resumes_exactly():
+    from mass_nnu.pretraining.sampling import BatchStream
+
+    stream = BatchStream(_CountingSampler(), batch_size=2, iterations=3, seed=5, rank=1)
+
+    def take(loader, n):
+        it = iter(loader)
+        return [next(it)["x"].tolist() for _ in range(n)]
+
+    main = take(stream.loader(0, 0), 9)  # three epochs from one iterator
+    assert take(stream.loader(0, 2), 9) == main  # two persistent workers, 3 batches per epoch: same order
+    assert take(stream.loader(2, 0), 3) == main[6:]  # resumed at epoch 2
+    assert len({tuple(b) for b in main}) == 9
+    assert BatchStream(_CountingSampler(), 2, 3, seed=5, rank=0).batch(0, 0)["x"].tolist() != main[0]
 
 
 def _pretrain_args(exp):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import PRETRAIN_EPOCHS as EPOCHS
 from conftest import pretrain_args as _args
 
@@ -45,7 +44,8 @@ def test_outputs_load_safely_and_transfer_to_nnunet(uninterrupted, experiment_en
     assert "key_to_lpe" in plan and plan["pretrain_num_input_channels"] == 1
     assert list(plan["recommended_downstream_patchsize"]) == list(
         final["plans"]["configurations"][final["configuration"]]["patch_size"])
-    assert isinstance(export["citations"], list) and export["citations"]
+    assert list(plan["pretrain_plan"]["configurations"]) == [final["configuration"]]
+    assert isinstance(export["citations"], list) and all(isinstance(c, dict) and c["title"] for c in export["citations"])
 
     # stock nnU-Net weight loading into a fresh downstream network (other class count: seg_layers skipped)
     network = build_network(final["plans"], final["configuration"], 1, num_output_channels=3)
@@ -135,3 +135,101 @@ def test_stock_nnunet_train_accepts_our_weights_file(uninterrupted, experiment_e
     key = "encoder.stem.convs.0.conv.weight"
     relative_change = (trained[key] - pretrained[key]).norm() / pretrained[key].norm()
     assert relative_change < 0.5, f"{key} moved {relative_change:.2f} of its norm: the weights were not loaded"
+
+
+# -- units: collectives, validation Dice, nnssl export (no training run) ----------------------------------------
+
+def _two_rank_env(monkeypatch, rank: int):
+    import torch
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda **kw: calls.append(("barrier", kw)))
+    return calls
+
+
+class _Handed(Exception):
+    pass
+
+
+def test_collectives_use_the_ranks_device(monkeypatch):
+    """NCCL refuses CPU tensors: a CUDA rank's collectives must hand over tensors on cuda:LOCAL_RANK. No GPU here:
+    the 'meta' device stands in for the rank's accelerator, and all_reduce records what it was handed."""
+    import torch
+
+    from mass_nnu.pretraining.trainer import Distributed
+
+    calls = _two_rank_env(monkeypatch, rank=1)
+    dist = Distributed("cuda")
+    assert dist.device == torch.device("cuda", 1) and dist.backend == "nccl"
+    dist.barrier()
+    assert calls == [("barrier", {"device_ids": [1]})]
+
+    handed = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        handed.append(tensor.device)
+        raise _Handed  # a meta tensor holds no value to read back
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    dist.device = torch.device("meta")
+    with pytest.raises(_Handed):
+        dist.mean(1.0)
+    assert handed == [torch.device("meta")]
+
+    gloo = Distributed("cpu")  # gloo: CPU tensors, values reduced
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: (handed.append(t.device), t.mul_(2)))
+    assert gloo.backend == "gloo" and gloo.mean(3.0) == 3.0 and handed[-1] == torch.device("cpu")
+
+
+def test_rank_zero_prepares_first(monkeypatch):
+    from mass_nnu.pretraining.trainer import Distributed
+
+    for rank, expected in ((0, ["work", "barrier"]), (1, ["barrier", "work"])):
+        calls = _two_rank_env(monkeypatch, rank)
+        with Distributed("cpu").main_first():
+            calls.append(("work", {}))
+        assert [c[0] for c in calls] == expected
+
+
+def test_validation_dice_skips_empty_against_empty():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mass_nnu.model.loss import InContextLoss
+    from mass_nnu.pretraining.trainer import MASSPretrainer
+
+    target = torch.zeros(1, 4, 4, 4, 4, dtype=torch.bool)
+    target[0, 0, :2] = True  # task 0: predicted half -> Dice 2/3
+    target[:, 2] = True      # task 2 (last real slot): the all-ones task, not scored
+    logits = torch.full(target.shape, -5.0)
+    logits[0, 0, :1] = 5.0
+    logits[:, 2] = 5.0       # task 1: empty target, empty prediction -> not scored (it was 1); slot 3 padded
+    batch = {"ref_image": torch.zeros(1, 1, 4, 4, 4), "ref_masks": target, "query_image": torch.zeros(1, 1, 4, 4, 4),
+             "query_masks": target, "valid": torch.tensor([[True, True, True, False]])}
+    fake = SimpleNamespace(val_batches=[batch], device=torch.device("cpu"), loss=InContextLoss(),
+                           ema=lambda *args: [logits], _autocast=lambda: torch.autocast("cpu", enabled=False))
+    _, dice = MASSPretrainer.validate(fake)
+    assert dice == pytest.approx(2 / 3)
+
+
+def test_nnssl_plan_holds_only_the_pretraining_configuration():
+    from mass_nnu.model.artifacts import CITATIONS, adaptation_plan
+
+    arch = {"network_class_name": "X", "arch_kwargs": {"n_stages": 2}, "_kw_requires_import": []}
+    plans = {"plans_name": "P", "configurations": {
+        "2d": {"patch_size": [64, 64], "batch_size": 12, "architecture": arch},
+        "3d_fullres": {"patch_size": [32, 40, 40], "batch_size": 2, "spacing": [1, 1, 1], "architecture": arch},
+        "3d_big": {"inherits_from": "3d_fullres", "patch_size": [64, 80, 80]}}}
+    plan = adaptation_plan(plans, "3d_big", 1)
+    configs = plan["pretrain_plan"]["configurations"]
+    assert list(configs) == ["3d_big"]  # nnU-Net master reads the first configuration
+    assert configs["3d_big"] == {"patch_size": [64, 80, 80], "batch_size": 2, "spacing": [1, 1, 1],
+                                 "architecture": arch}  # inheritance resolved
+    assert plan["recommended_downstream_patchsize"] == [64, 80, 80] and plan["pretrain_plan"]["plans_name"] == "P"
+    assert list(plans["configurations"]) == ["2d", "3d_fullres", "3d_big"]  # the plans themselves are untouched
+    assert all(isinstance(c, dict) and c["title"] and ("doi" in c or "url" in c) for c in CITATIONS)

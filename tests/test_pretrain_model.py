@@ -210,14 +210,16 @@ def test_deep_supervision_matches_nnunet():
 
 
 def test_dice_per_task():
-    target = torch.zeros(1, 3, 8, 8, 8)
+    target = torch.zeros(1, 4, 8, 8, 8)
     target[0, 0, :4] = 1
     target[0, 1, :4] = 1
     logits = torch.full_like(target, -5.0)
     logits[0, 0, :4] = 5  # perfect
     logits[0, 1, :2] = 5  # half
+    logits[0, 2, 0, 0, 0] = 5  # one false positive on an empty target
     dice = dice_per_task(logits, target)
-    assert torch.allclose(dice, torch.tensor([[1.0, 2 / 3, 1.0]]))  # third: both empty
+    # an empty target predicted non-empty scores 0; both empty is not scored (NaN, skipped by averages), not 1
+    assert torch.allclose(dice[:, :3], torch.tensor([[1.0, 2 / 3, 0.0]])) and bool(dice[0, 3].isnan())
 
 
 def test_short_overfit_on_a_fixed_in_context_task(plans):

@@ -49,7 +49,9 @@ def view_transforms(patch_size, strong: bool):
 
 
 def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
-    """image (C, *S), masks (K, *S) uint8 -> torch tensors (C, *P), (K, *P) with one spatial draw for both.
+    """image (C, *S) float, masks (K, *S) uint8/bool -> torch tensors (C, *P) float32, (K, *P) bool with one spatial
+    draw for both (masks stay bool until the device: a quarter of float32's bytes in workers, pinned memory and
+    transfers).
     batchgeneratorsv2 draws from numpy's and torch's global generators: ``seed`` drives them here and their
     previous states come back afterwards, so a sample depends on its seed only (exact resume, any -np)."""
     numpy_state = np.random.get_state()
@@ -61,4 +63,4 @@ def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
                             segmentation=torch.from_numpy(np.ascontiguousarray(masks.astype(np.int16))))
     finally:
         np.random.set_state(numpy_state)
-    return out["image"].float(), (out["segmentation"] > 0).float()
+    return out["image"].float(), out["segmentation"] > 0

@@ -41,6 +41,12 @@ def load_case(folder: Path, case_id: str) -> tuple[np.ndarray, dict]:
     return np.asarray(data[:], dtype=np.float32), properties
 
 
+def open_case(folder: Path, case_id: str):
+    """The preprocessed image (C, *S) of one case, lazy: nnU-Net's blosc2 (or memory-mapped) array, so a crop
+    reads only its chunks."""
+    return infer_dataset_class(str(folder))(str(folder), [case_id]).load_case(case_id)[0]
+
+
 def to_preprocessed_grid(layers: np.ndarray, properties: dict, transpose_forward: tuple[int, ...],
                          target_shape: tuple[int, ...]) -> np.ndarray:
     """Label layers (L, *raw) -> (L, *target): nnU-Net's transpose, its crop to the non-zero bounding box, then

@@ -36,12 +36,16 @@ def choose_head(head: str, weights: Path | None) -> tuple[str, dict | None]:
 
 
 class InContextHeadNetwork(nn.Module):
-    """A MASS model with one trainable set of task tokens per foreground class."""
+    """A MASS model with one trainable set of task tokens per foreground class.
+
+    The tokens are parameters here, so the MASS task encoder takes no part in the forward pass: it is frozen
+    (``requires_grad=False``), else DDP waits for gradients that never come and fails on the second iteration."""
 
     def __init__(self, mass: MASSModel, num_classes: int):
         super().__init__()
         assert num_classes >= 2, f"the in-context head needs background and at least one class, got {num_classes}"
         self.mass = mass
+        mass.task_encoder.requires_grad_(False)
         self.num_tasks = num_classes - 1
         self.task_tokens = nn.ParameterList(
             nn.Parameter(torch.zeros(1, self.num_tasks, 1 + enc.learned_tokens.shape[0], enc.learned_tokens.shape[1]))

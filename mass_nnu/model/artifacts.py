@@ -10,6 +10,7 @@ This module owns the folder and file names, the export, and finding, resolving a
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from mass_nnu.adapter.datasets import Dataset, results_root, trainer_folder_name
@@ -22,11 +23,14 @@ CHECKPOINT_FINAL = "checkpoint_final.pth"
 CHECKPOINT_LATEST = "checkpoint_latest.pth"
 WEIGHTS_FILE = "nnunet_pretrained_weights.pth"
 
+# one dict per work (a BibTeX-like type, authors, title, venue, year, and a doi or url)
 CITATIONS = [
-    "Gao et al., MASS: MAsk-guided Self-Supervised learning for 3D medical image segmentation, CVPR 2026, "
-    "arXiv:2603.13660",
-    "Isensee et al., nnU-Net: a self-configuring method for deep learning-based biomedical image segmentation, "
-    "Nature Methods 2021",
+    {"type": "inproceedings", "authors": "Gao et al.",
+     "title": "MASS: MAsk-guided Self-Supervised learning for 3D medical image segmentation",
+     "venue": "CVPR", "year": 2026, "url": "https://arxiv.org/abs/2603.13660"},
+    {"type": "article", "authors": "Isensee et al.",
+     "title": "nnU-Net: a self-configuring method for deep learning-based biomedical image segmentation",
+     "venue": "Nature Methods", "year": 2021, "doi": "10.1038/s41592-020-01008-z"},
 ]
 RESENC_KEYS = {"key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
                "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"]}
@@ -37,11 +41,32 @@ def backbone_weights(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
 
 
+def resolved_configuration(plans: dict, configuration: str) -> dict:
+    """A configuration with its ``inherits_from`` chain applied (as nnU-Net's PlansManager does), self-contained."""
+    config = copy.deepcopy(plans["configurations"][configuration])
+    seen = {configuration}
+    while "inherits_from" in config:
+        parent = config.pop("inherits_from")
+        if parent in seen:
+            raise ValueError(f"plans configuration '{configuration}': circular inherits_from via '{parent}'")
+        seen.add(parent)
+        config = {**copy.deepcopy(plans["configurations"][parent]), **config}
+    return config
+
+
+def pretrain_plan(plans: dict, configuration: str) -> dict:
+    """The plans with only the pretraining configuration, resolved: nnU-Net master reads the first (and nnssl the
+    only) configuration of ``pretrain_plan``, which must be the one the weights were trained with."""
+    plan = {k: copy.deepcopy(v) for k, v in plans.items() if k != "configurations"}
+    plan["configurations"] = {configuration: resolved_configuration(plans, configuration)}
+    return plan
+
+
 def adaptation_plan(plans: dict, configuration: str, num_input_channels: int) -> dict:
-    config = plans["configurations"][configuration]
+    config = resolved_configuration(plans, configuration)
     arch = config["architecture"]
     return {
-        "pretrain_plan": plans,
+        "pretrain_plan": pretrain_plan(plans, configuration),
         "architecture_plans": {"arch_class_name": arch["network_class_name"], "arch_kwargs": arch["arch_kwargs"],
                                "arch_kwargs_requiring_import": arch["_kw_requires_import"]},
         **RESENC_KEYS,

@@ -73,9 +73,10 @@ class InContextLoss(nn.Module):
 
 @torch.no_grad()
 def dice_per_task(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Hard Dice (B, K) of logits > threshold against target; 1 where both are empty."""
+    """Hard Dice (B, K) of logits > threshold against target; NaN where both are empty (nothing to score: an
+    empty target predicted empty says nothing about segmentation, so averages skip it, e.g. ``nanmean``)."""
     pred = (logits > threshold).flatten(2)
     t = target.bool().flatten(2)
     inter = (pred & t).sum(-1).float()
     total = pred.sum(-1).float() + t.sum(-1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.full_like(total, float("nan")))

@@ -1,8 +1,18 @@
 """Pretraining data: proposals mapped onto nnU-Net's preprocessed grid, and in-context task sampling.
 
-One sample = one image, up to ``max_tasks - 1`` of its proposals (weighted toward diverse sizes) plus the
-all-ones "whole crop" task, and two views: a reference (weak augmentation) and a query (strong augmentation),
-cropped independently around an anchor voxel inside one proposal so that both views contain it.
+One sample (the MASS recipe, any patch size):
+
+1. an image (uniform over the cases), an anchor proposal (size-octave weighted) and an anchor voxel inside it;
+2. a reference and a query *context crop* (``context`` = patch + 2·context_fraction·patch per axis), each centred
+   within ±shift_fraction·patch of the anchor, whose **overlap** is at least ``min_overlap`` (0.67). Overlap is
+   ``|A ∩ B| / |A|`` of the two crops as index boxes (``crop_overlap``; both crops have the same size, so it also
+   equals ``|A ∩ B| / |B|``, and it is the product over the axes of ``(context_i - |offset_i|) / context_i``).
+   Zero-padding beyond the volume counts as crop volume;
+3. the image and the proposal layers are cropped to the two context crops first; masks are made on the crops only;
+4. tasks = the anchor proposal plus up to ``max_tasks - 2`` more of the proposals that the *reference* crop holds
+   with at least ``min_voxels`` voxels (weighted toward diverse sizes), plus the all-ones "whole crop" task (the
+   last real slot). A task whose proposal lies outside the query crop stays as an empty target;
+5. reference = weak, query = strong augmentation, then the centre patch. Masks are bool until the device.
 """
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ from tqdm import tqdm
 
 from mass_nnu.adapter.augmentation import apply_view, view_transforms
 from mass_nnu.adapter.datasets import Dataset
-from mass_nnu.adapter.preprocessed import data_folder, load_case, raw_to_preprocessed, require_case_ids
+from mass_nnu.adapter.preprocessed import data_folder, load_case, open_case, raw_to_preprocessed, require_case_ids
 from mass_nnu.errors import MassError
 from mass_nnu.io import atomic_path
 from mass_nnu.proposals.store import check_geometry, proposal_dir, proposal_path, read_proposals
@@ -25,10 +35,11 @@ from mass_nnu.proposals.store import check_geometry, proposal_dir, proposal_path
 
 @dataclass
 class SamplerSettings:
-    max_tasks: int = 13            # including the all-ones task
+    max_tasks: int = 13             # including the all-ones task
     context_fraction: float = 0.15  # extra context each side before augmentation (patch + 2·fraction·patch)
     shift_fraction: float = 0.25    # how far each view's centre may move from the anchor (fraction of patch)
-    min_voxels: int = 8             # proposals smaller than this on the preprocessed grid are skipped
+    min_overlap: float = 0.67       # the two context crops share at least this fraction of their volume
+    min_voxels: int = 8             # proposals with fewer voxels on the grid, or inside the reference crop, are skipped
 
 
 def proposals_folder(data_folder: Path) -> Path:
@@ -101,28 +112,82 @@ class CaseSource:
 
 def pick_tasks(stats: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``count`` proposals, weighted so that every size octave is equally likely."""
+    count = min(count, len(stats))
+    if count <= 0:
+        return np.zeros(0, np.int64)
     octave = np.floor(np.log2(np.maximum(stats[:, 2], 1))).astype(int)
     _, inverse, per_bin = np.unique(octave, return_inverse=True, return_counts=True)
     weights = 1.0 / per_bin[inverse]
-    count = min(count, len(stats))
     return rng.choice(len(stats), size=count, replace=False, p=weights / weights.sum())
 
 
-def crop(array: np.ndarray, center, size) -> np.ndarray:
-    """(C, *S) crop of ``size`` centred at ``center``, zero-padded outside the array."""
+def crop(array, center, size) -> np.ndarray:
+    """(C, *S) crop of ``size`` centred at ``center`` (its voxel ``size // 2``), zero-padded outside the array.
+    ``array`` may be a lazy array (blosc2, memory map): only the part inside the crop is read."""
     out = np.zeros((array.shape[0], *size), array.dtype)
     src, dst = [], []
     for c, n, dim in zip(center, size, array.shape[1:]):
         lo = int(c) - n // 2
-        a, b = max(lo, 0), min(lo + n, dim)
+        a, b = min(max(lo, 0), dim), max(min(lo + n, dim), 0)
+        b = max(a, b)
         src.append(slice(a, b))
         dst.append(slice(a - lo, b - lo))
-    out[(slice(None), *dst)] = array[(slice(None), *src)]
+    if all(s.stop > s.start for s in src):
+        out[(slice(None), *dst)] = array[(slice(None), *src)]
     return out
 
 
+def crop_box(center, size) -> tuple[np.ndarray, np.ndarray]:
+    """[low, high) voxel box of the crop that ``crop`` takes."""
+    low = np.asarray(center, np.int64) - np.asarray(size, np.int64) // 2
+    return low, low + np.asarray(size, np.int64)
+
+
+def crop_overlap(a_center, b_center, size) -> float:
+    """Overlap of two crops of the same ``size``: |A ∩ B| / |A| (= |A ∩ B| / |B|), as index boxes."""
+    size = np.asarray(size, np.float64)
+    offset = np.abs(np.asarray(a_center, np.float64) - np.asarray(b_center, np.float64))
+    return float(np.prod(np.clip(size - offset, 0, None) / size))
+
+
+def view_centres(anchor, patch_size, context, settings: SamplerSettings,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Reference and query crop centres: both within ±shift_fraction·patch of ``anchor`` (so both views hold it)
+    and ``crop_overlap(ref, query, context) >= min_overlap``. A target overlap is drawn uniformly in
+    [min_overlap, 1] and split over the axes with random shares; per-axis offsets are rounded toward zero."""
+    anchor = np.asarray(anchor, np.int64)
+    context = np.asarray(context, np.int64)
+    shift = np.asarray([int(settings.shift_fraction * p) for p in patch_size], np.int64)
+    target = rng.uniform(min(settings.min_overlap, 1.0), 1.0)
+    shares = rng.dirichlet(np.ones(len(context)))
+    size = np.floor(context * (1.0 - target ** shares)).astype(np.int64)
+    size = np.clip(size, 0, 2 * shift)
+    while crop_overlap(np.zeros_like(size), size, context) < settings.min_overlap and size.any():
+        size[np.argmax(size)] -= 1  # float rounding: step back until the bound holds exactly
+    offset = size * rng.choice(np.array([-1, 1]), size=len(size))
+    # reference centre = anchor + e with |e| <= shift and |e + offset| <= shift (query centre = reference + offset)
+    low, high = np.maximum(-shift, -shift - offset), np.minimum(shift, shift - offset)
+    ref = anchor + rng.integers(low, high + 1)
+    return ref, ref + offset
+
+
+def proposals_in_crop(layers: np.ndarray, stats: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Voxels of every proposal (stats row) inside the box [low, high) of ``layers`` (L, *S); rows whose bounding
+    box misses the box are 0 without being counted."""
+    counts = np.zeros(len(stats), np.int64)
+    hits = np.all((stats[:, 3:6] < high) & (stats[:, 6:9] > low), axis=1)
+    box = tuple(slice(max(int(lo), 0), max(int(hi), 0)) for lo, hi in zip(low, high))
+    for layer in np.unique(stats[hits, 0]):
+        rows = np.flatnonzero(hits & (stats[:, 0] == layer))
+        values = layers[layer][box]
+        found = np.bincount(values.ravel(), minlength=int(stats[rows, 1].max()) + 1)
+        counts[rows] = found[stats[rows, 1]]
+    return counts
+
+
 class TaskSampler:
-    """Draws in-context samples from preprocessed cases with proposals."""
+    """Draws in-context samples from preprocessed cases with proposals (see the module docstring)."""
+
     def __init__(self, sources: list[CaseSource], patch_size, settings: SamplerSettings | None = None):
         if not sources:
             raise MassError("no cases with proposals to pretrain on")
@@ -133,33 +198,52 @@ class TaskSampler:
         self.weak, self.strong = view_transforms(self.patch_size, False), view_transforms(self.patch_size, True)
 
     def _load(self, source: CaseSource):
-        data, _ = load_case(source.data_folder, source.case_id)
+        """(image, proposal layers, stats); the image stays lazy (nnU-Net's blosc2 / memory-mapped arrays)."""
+        data = open_case(source.data_folder, source.case_id)
         with np.load(source.proposals_folder / f"{source.case_id}.npz") as f:
             return data, f["layers"], f["stats"]
 
-    def sample(self, rng: np.random.Generator) -> dict:
+    def draw(self, rng: np.random.Generator) -> dict:
+        """The un-augmented parts of a sample: the two context crops (image, masks) and their geometry."""
+        s = self.settings
         source = self.sources[rng.integers(len(self.sources))]
         data, layers, stats = self._load(source)
-        chosen = stats[pick_tasks(stats, self.settings.max_tasks - 1, rng)]
-        primary = chosen[0]
+        first = int(pick_tasks(stats, 1, rng)[0])
+        primary = stats[first]
         region = layers[primary[0]][tuple(slice(lo, hi) for lo, hi in zip(primary[3:6], primary[6:9]))]
         inside = np.argwhere(region == primary[1])
         anchor = inside[rng.integers(len(inside))] + primary[3:6]
+        ref_center, query_center = view_centres(anchor, self.patch_size, self.context, s, rng)
+        counts = proposals_in_crop(layers, stats, *crop_box(ref_center, self.patch_size))  # the reference view
+        candidates = np.flatnonzero(counts >= s.min_voxels)
+        candidates = candidates[candidates != first]
+        in_crop = stats[candidates].copy()
+        in_crop[:, 2] = counts[candidates]  # size octaves of what the reference crop holds
+        others = candidates[pick_tasks(in_crop, s.max_tasks - 2, rng)]
+        chosen = stats[np.concatenate(([first], others)).astype(np.int64)]
+        used = np.unique(chosen[:, 0])  # crop only the layers the tasks come from, masks on the crops only
+        slot = np.searchsorted(used, chosen[:, 0])
         views = []
-        for transform in (self.weak, self.strong):
-            shift = [rng.integers(-int(self.settings.shift_fraction * p), int(self.settings.shift_fraction * p) + 1)
-                     for p in self.patch_size]
-            center = anchor + np.asarray(shift)
-            masks = np.stack([layers[layer] == label for layer, label in chosen[:, :2]]).astype(np.uint8)
-            image_crop = crop(data, center, self.context)
-            mask_crop = crop(masks, center, self.context)
-            image, mask = apply_view(transform, image_crop, mask_crop, int(rng.integers(2 ** 31)))
-            views.append((image, torch.cat((mask, torch.ones((1, *mask.shape[1:]))))))  # + whole-crop task
-        k = views[0][1].shape[0]
+        for center in (ref_center, query_center):
+            cropped = [crop(layers[layer][None], center, self.context)[0] for layer in used]
+            masks = np.stack([cropped[i] == label for i, label in zip(slot, chosen[:, 1])])
+            views.append((crop(data, center, self.context).astype(np.float32, copy=False), masks.astype(np.uint8)))
+        return {"views": views, "anchor": anchor, "centers": (ref_center, query_center), "tasks": chosen,
+                "case": source.case_id}
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        drawn = self.draw(rng)
+        (ref_image, ref_masks), (query_image, query_masks) = [
+            apply_view(transform, image_crop, mask_crop, int(rng.integers(2 ** 31)))
+            for transform, (image_crop, mask_crop) in zip((self.weak, self.strong), drawn["views"])]
+        keep = ref_masks.flatten(1).any(1)  # a task the augmented reference view lost would get a zero token
+        out = [(image, torch.cat((masks[keep], torch.ones((1, *masks.shape[1:]), dtype=masks.dtype))))  # whole crop
+               for image, masks in ((ref_image, ref_masks), (query_image, query_masks))]
+        k = out[0][1].shape[0]
         pad = self.settings.max_tasks - k
-        padded = [torch.cat((m, torch.zeros((pad, *m.shape[1:])))) for _, m in views]
+        padded = [torch.cat((m, torch.zeros((pad, *m.shape[1:]), dtype=m.dtype))) for _, m in out]
         valid = torch.tensor([True] * k + [False] * pad)
-        return {"ref_image": views[0][0], "ref_masks": padded[0], "query_image": views[1][0],
+        return {"ref_image": out[0][0], "ref_masks": padded[0], "query_image": out[1][0],
                 "query_masks": padded[1], "valid": valid}
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> dict:
@@ -168,27 +252,43 @@ class TaskSampler:
 
 
 class BatchStream:
-    """An iterable of ``iterations`` batches per epoch, reproducible from (seed, rank, epoch, worker); usable
-    with torch's DataLoader workers (``-np``), so data loading overlaps the training step."""
+    """An endless, reproducible stream of batches, ``iterations`` per epoch. Batch ``i`` of epoch ``e`` is drawn
+    from a generator seeded by (seed, rank, e, i) only, so the stream is the same for any number of DataLoader
+    workers (``-np``) and a run resumed at epoch ``e`` continues it exactly."""
+
     def __init__(self, sampler: TaskSampler, batch_size: int, iterations: int, seed: int, rank: int = 0):
         self.sampler, self.batch_size, self.iterations = sampler, batch_size, iterations
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank = seed, rank
 
-    def loader(self, epoch: int, num_workers: int):
-        self.epoch = epoch
-        dataset = _StreamDataset(self)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                           persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, epoch, index])
+
+    def batch(self, epoch: int, index: int) -> dict:
+        return self.sampler.batch(self.rng(epoch, index), self.batch_size)
+
+    def loader(self, start_epoch: int = 0, num_workers: int = 0, pin_memory: bool = False):
+        """One long-lived DataLoader over epochs ``start_epoch, start_epoch + 1, ...`` (no end: take
+        ``iterations`` batches per epoch from one iterator). Its workers live as long as that iterator, so they
+        start once per run, not once per epoch."""
+        return torch.utils.data.DataLoader(_StreamDataset(self, start_epoch), batch_size=None,
+                                           num_workers=num_workers, pin_memory=pin_memory,
+                                           persistent_workers=num_workers > 0,
+                                           prefetch_factor=2 if num_workers else None)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
-    def __init__(self, stream: BatchStream):
-        self.stream = stream
+    """Worker ``w`` of ``W`` yields stream items ``w, w + W, ...``: torch's DataLoader takes one item from each
+    worker in turn, so the loader returns the items in stream order."""
+
+    def __init__(self, stream: BatchStream, start_epoch: int):
+        self.stream, self.start_epoch = stream, start_epoch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         s = self.stream
-        rng = np.random.default_rng([s.seed, s.rank, s.epoch, worker])
-        for i in range(worker, s.iterations, workers):
-            yield s.sampler.batch(rng, s.batch_size)
+        item = worker
+        while True:
+            epoch, index = divmod(item, s.iterations)
+            yield s.batch(self.start_epoch + epoch, index)
+            item += workers

@@ -3,6 +3,7 @@ bf16 autocast on CUDA, optional torch.compile, nnU-Net-style logs and progress.p
 ``--c`` resume, and torch.distributed (torchrun; NCCL on CUDA, gloo on CPU)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -61,30 +62,46 @@ class PretrainSettings:
 
 
 class Distributed:
-    """torchrun's environment, if any: one process per device, rank 0 writes."""
-    def __init__(self, device: str):
+    """torchrun's environment, if any: one process per device, rank 0 writes.
+
+    ``device`` is this rank's device (cuda:LOCAL_RANK on CUDA, else cpu) and every collective hands over tensors on
+    it: NCCL refuses CPU tensors, gloo takes CPU ones."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.device(device).type == "cuda"
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device(torch.device(device).type)
+        self.backend = "nccl" if cuda else "gloo"
         if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if device == "cuda" else "gloo"
-            if device == "cuda":
+            if cuda:
                 torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend)
+            torch.distributed.init_process_group(self.backend)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def device(self, name: str) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}") if name == "cuda" else torch.device("cpu")
-
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return float(t.item() / self.world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier(device_ids=[self.device.index] if self.backend == "nccl" else None)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block, then the others (e.g. files that rank 0 writes once and the others read)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
 
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
@@ -101,7 +118,7 @@ class MASSPretrainer:
         self.plans = self.datasets[0].plans(plans_identifier)
         self.dataset_json = self.datasets[0].dataset_json()
         self.dist = Distributed(device)
-        self.device = self.dist.device(device)
+        self.device = self.dist.device
         self.output = Path(output) if output else pretrained_folder(self.datasets[0], plans_identifier, configuration)
         self.num_channels = len(self.dataset_json["channel_names"])
         torch.manual_seed(settings.seed)
@@ -147,7 +164,8 @@ class MASSPretrainer:
         sources = []
         for name in self.datasets:
             plans = name.plans(self.plans["plans_name"])
-            folder, cases = prepare_proposals(name, plans, self.configuration)
+            with self.dist.main_first():  # rank 0 maps the proposals once, the other ranks then read them
+                folder, cases = prepare_proposals(name, plans, self.configuration)
             data_dir = data_folder(name, plans, self.configuration)
             sources += [CaseSource(data_dir, folder, c) for c in cases]
         # hold out cases for in-context validation (every 10th, at least one when there are ≥ 3)
@@ -231,33 +249,35 @@ class MASSPretrainer:
     def validate(self) -> tuple[float, float]:
         losses, dices = [], []
         for batch in self.val_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 outputs = self.ema(batch["ref_image"], batch["ref_masks"], batch["query_image"], batch["valid"])
             outputs = [o.float() for o in outputs]
             losses.append(float(self.loss(outputs, batch["query_masks"], batch["valid"])))
-            dice = dice_per_task(outputs[0], batch["query_masks"])
+            dice = dice_per_task(outputs[0], batch["query_masks"])  # NaN where target and prediction are empty
             # the all-ones task and padded slots say little about segmentation: score real proposals only
             real = batch["valid"].clone()
             real[torch.arange(len(real)), real.sum(1) - 1] = False
-            dices.append(float(dice[real].mean()) if real.any() else float("nan"))
-        return float(np.mean(losses)), float(np.nanmean(dices))
+            dices.append(dice[real & ~dice.isnan()].cpu())
+        dices = torch.cat(dices)
+        return float(np.mean(losses)), float(dices.mean()) if len(dices) else float("nan")
 
     def run(self) -> Path:
         s = self.settings
         self.log(f"{PRETRAINER_NAME}: {s.epochs} epochs × {s.iterations_per_epoch} iterations, device {self.device}, "
                  f"world size {self.dist.world}, lr {s.lr}, EMA {s.ema_decay}")
+        # one loader for the whole run: its workers start once and its stream continues across epochs
+        stream = iter(self.train_stream.loader(self.epoch, s.num_workers, pin_memory=self.device.type == "cuda"))
         while self.epoch < s.epochs:
             start = time.time()
             self.model.train()
             losses, wait = [], 0.0
-            loader = self.train_stream.loader(self.epoch, s.num_workers)
-            fetch = time.time()
-            for batch in tqdm(loader, total=s.iterations_per_epoch, desc=f"epoch {self.epoch}", unit="it",
-                              disable=None if self.dist.main else True, leave=False):
+            for _ in tqdm(range(s.iterations_per_epoch), desc=f"epoch {self.epoch}", unit="it",
+                          disable=None if self.dist.main else True, leave=False):
+                fetch = time.time()
+                batch = next(stream)
                 wait += time.time() - fetch
                 losses.append(self.train_step(batch))
-                fetch = time.time()
             train_loss = self.dist.mean(float(np.mean(losses)))
             val_loss, val_dice = self.validate()
             h = self.history
@@ -274,6 +294,7 @@ class MASSPretrainer:
             if self.dist.main:
                 self.save(self.output / CHECKPOINT_LATEST, full=True)
                 self.plot_progress()
+        del stream  # stops the workers
         return self.finish()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
