@@ -118,7 +118,7 @@ def layer_table(layer: np.ndarray, index: int) -> np.ndarray:
     slab by slab, so no full-size int64 copy of the layer is made."""
     top = int(layer.max()) if layer.size else 0
     sizes = np.zeros(top + 1, np.int64)
-    step = max(1, (1 << 22) // max(1, int(np.prod(layer.shape[1:]))))
+    step = max(1, (1 << 20) // max(1, int(np.prod(layer.shape[1:]))))  # slabs of ~1M voxels: 8 MiB of int64
     for z in range(0, layer.shape[0], step):
         sizes += np.bincount(layer[z:z + step].ravel(), minlength=top + 1)
     rows = [[index, label, sizes[label], *[s.start for s in box], *[s.stop for s in box]]
