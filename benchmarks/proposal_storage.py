@@ -5,9 +5,10 @@
 Makes its own synthetic case (no dataset needed): ``--layers`` instance maps like supervoxels at several scales
 (Voronoi cells of 12 to 600 seeds, made at half resolution and mapped to the full grid, a body-shaped mask, 30 %
 of the labels dropped as by the filters), written both ways. Each read runs in a fresh process; it reports the
-median time, the peak RSS growth (VmHWM after the reads minus VmRSS before them) and tracemalloc's peak of reading one ``--crop`` of
-all layers and of 12 layers (the task layers of one sample), plus write times and file sizes, and the traced peak memory of writing from a half-resolution working grid
-(mapped to the raw grid one layer at a time).
+median time, the peak RSS growth (VmHWM after the reads minus VmRSS before them) and tracemalloc's peak of
+reading one ``--crop`` of all layers and of 12 layers (the task layers of one sample), plus write times and file
+sizes, and the traced peak memory of writing from a half-resolution working grid (mapped to the raw grid one
+layer at a time).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def synthetic_layers(shape, count: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     half = [max(1, s // 2) for s in shape]
     grid = np.stack(np.meshgrid(*[np.arange(n) + 0.5 for n in half], indexing="ij"), -1).reshape(-1, 3)
-    z, y, x = np.ogrid[tuple(slice(0, n) for n in half)]
+    _, y, x = np.ogrid[tuple(slice(0, n) for n in half)]
     body = ((y - half[1] / 2) / (0.45 * half[1])) ** 2 + ((x - half[2] / 2) / (0.4 * half[2])) ** 2 <= 1
     body = np.broadcast_to(body, half)
     out = np.zeros((count, *shape), np.uint16)
@@ -88,7 +89,7 @@ def measure(kind: str, path: str, layers: list[int], low, high, repeats: int) ->
 
 def run_measure(kind, path, layers, low, high, repeats) -> dict:
     args = [sys.executable, __file__, "--measure", kind, path, json.dumps([layers, list(low), list(high), repeats])]
-    done = subprocess.run(args, capture_output=True, text=True)
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"measuring {kind} failed:\n{done.stderr}")
     return json.loads(done.stdout.splitlines()[-1])

@@ -53,7 +53,8 @@ def test_working_grid_round_trip_and_table(tmp_path):
     expected = working.repeat(2, 1).repeat(3, 2).repeat(2, 3)
     layers, geometry = read_proposals(tmp_path / "a.b2nd")
     assert layers.dtype == np.uint16 and np.array_equal(layers, expected)
-    assert geometry["shape"] == raw_shape and geometry["spacing"] == GEOMETRY["spacing"] and geometry["backend"] == "test"
+    assert geometry["shape"] == raw_shape and geometry["spacing"] == GEOMETRY["spacing"]
+    assert geometry["backend"] == "test"
     store = open_proposals(tmp_path / "a.json")
     assert np.array_equal(store.table, table) and np.array_equal(table, _table_by_hand(expected))
     assert store.params == {"k": 1} and store.layers.chunks[0] == 1  # one layer per chunk
@@ -79,7 +80,8 @@ def test_crops_equal_slices_of_the_full_array(tmp_path):
     assert store.layers.chunks == (1, 8, 8, 8)  # a crop touches only its chunks
     pad = 40
     padded = np.pad(full, ((0, 0), (pad, pad), (pad, pad), (pad, pad)))
-    boxes = [([2, 3, 4], [10, 20, 9]), ([-5, 25, -3], [9, 41, 30]), ([30, 0, 0], [35, 5, 5])]  # inside, over edges, outside
+    # inside, over the edges, outside
+    boxes = [([2, 3, 4], [10, 20, 9]), ([-5, 25, -3], [9, 41, 30]), ([30, 0, 0], [35, 5, 5])]
     for low, high in boxes:
         for layers in ([0], [3, 1], [0, 1, 2, 3]):
             expected = padded[(layers, *[slice(a + pad, b + pad) for a, b in zip(low, high)])]
@@ -151,8 +153,8 @@ def test_old_format_end_to_end(private_copy):
     .npz is remade and removed; the sampler then draws from the result."""
     from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.preprocessed import data_folder
-    from mass_nnu.proposals.store import case_paths, read_proposals
     from mass_nnu.pretraining.sampling import CaseSource, TaskSampler, prepare_proposals
+    from mass_nnu.proposals.store import case_paths, read_proposals
 
     plans = Dataset.resolve(private_copy["name"]).plans(private_copy["plans"])
     config = private_copy["configuration"]

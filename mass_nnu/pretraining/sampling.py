@@ -61,7 +61,7 @@ def proposals_folder(data_folder: Path) -> Path:
 
 def context_size(patch_size, context_fraction: float) -> tuple[int, ...]:
     """The context crop: patch + 2·round(fraction·patch) per axis."""
-    return tuple(int(p) + 2 * int(round(context_fraction * int(p))) for p in patch_size)
+    return tuple(int(p) + 2 * round(context_fraction * int(p)) for p in patch_size)
 
 
 def prepare_proposals(dataset: Dataset, plans: dict, configuration: str,
