@@ -172,7 +172,9 @@ def test_zero_proposals_everywhere(private_copy, run_cli):
     for folder in private_copy["pre"].glob("*_proposals"):
         for path in folder.iterdir():
             path.unlink()
-    for path in sorted((private_copy["raw"] / "proposalsTr").glob("*.npz")):
+    paths = sorted((private_copy["raw"] / "proposalsTr").glob("*.b2nd"))
+    assert paths
+    for path in paths:
         layers, geometry = read_proposals(path)
         write_proposals(path, np.zeros_like(layers), geometry, "test", {})
     result = run_cli("pretrain", "-d", private_copy["pretrain"], "-p", private_copy["plans"], "--epochs", 1,
@@ -190,7 +192,8 @@ def test_disk_full_while_writing_leaves_nothing(raw_dataset, run_cli, monkeypatc
     monkeypatch.setattr(os, "fsync", disk_full)
     result = run_cli("propose", "-d", 801)
     assert_one_clear_error(result, "proposalsTr", "No space left on device", root=raw_dataset)
-    assert not list((raw_dataset / "proposalsTr").glob("*.npz"))
+    assert not [p for p in (raw_dataset / "proposalsTr").iterdir() if p.name != "summary.json"]
+    assert not list((raw_dataset / "proposalsTr").glob(".*.tmp*"))
 
 
 def test_unwritable_output_folder(private_copy, run_cli, tmp_path):

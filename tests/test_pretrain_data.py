@@ -35,17 +35,18 @@ def test_to_preprocessed_grid_transposes_crops_and_resamples():
 
 def test_preprocessed_proposals_match_images_and_are_reused(experiment_env):
     from mass_nnu.adapter.preprocessed import load_case
+    from mass_nnu.proposals.store import layer_table, open_proposals
 
     _, folder, data_dir, cases = _sampler(experiment_env)
     assert cases and folder.name.endswith("_proposals") and folder.parent == data_dir.parent
     for case in cases:
         data, _ = load_case(data_dir, case)
-        with np.load(folder / f"{case}.npz") as f:
-            assert f["layers"].shape[1:] == data.shape[1:]
-            assert len(f["stats"]) > 0
-    stamp = (folder / f"{cases[0]}.npz").stat().st_mtime_ns
+        store = open_proposals(folder / f"{case}.b2nd")
+        assert store.layers.shape[1:] == data.shape[1:] and len(store.table) > 0
+        assert np.array_equal(store.table, np.concatenate([layer_table(store.layers[i], i) for i in range(len(store))]))
+    stamps = [(folder / f"{cases[0]}{ext}").stat().st_mtime_ns for ext in (".b2nd", ".json")]
     _sampler(experiment_env)
-    assert (folder / f"{cases[0]}.npz").stat().st_mtime_ns == stamp  # made once, then skipped
+    assert [(folder / f"{cases[0]}{ext}").stat().st_mtime_ns for ext in (".b2nd", ".json")] == stamps  # made once
 
 
 def test_sampler_views_and_tasks(experiment_env):
@@ -100,6 +101,7 @@ def test_view_centres_overlap_by_the_definition():
 def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
     """Patch much smaller than the volume: tasks = proposals the reference view holds; masks = crops of the
     proposals; a task may leave the query view and then stays as an empty (valid) target."""
+    from mass_nnu.proposals.store import read_proposals
     from mass_nnu.pretraining.sampling import crop, crop_overlap
 
     sampler, folder, _, _ = _sampler(experiment_env, patch=(12, 12, 12))
@@ -107,8 +109,7 @@ def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
     rng = np.random.default_rng(3)
     for _ in range(3):
         drawn = sampler.draw(rng)
-        with np.load(folder / f"{drawn['case']}.npz") as f:
-            layers = f["layers"]
+        layers = read_proposals(folder / f"{drawn['case']}.b2nd")[0]
         ref, query = drawn["centers"]
         assert crop_overlap(ref, query, sampler.context) >= s.min_overlap
         tasks = drawn["tasks"]
@@ -177,7 +178,9 @@ def test_proposals_for_another_image_are_refused(private_copy, run_cli):
     from mass_nnu.proposals.store import read_proposals, write_proposals
 
     _drop_mapped_proposals(private_copy["pre"])
-    for path in sorted((private_copy["raw"] / "proposalsTr").glob("*.npz")):
+    paths = sorted((private_copy["raw"] / "proposalsTr").glob("*.b2nd"))
+    assert paths
+    for path in paths:
         layers, geometry = read_proposals(path)
         geometry["shape"] = [geometry["shape"][0] + 2, *geometry["shape"][1:]]
         layers = np.concatenate([layers, layers[:, :2]], axis=1)

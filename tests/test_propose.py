@@ -25,23 +25,32 @@ def test_supervoxel_proposals_find_the_organs(phantom, run_cli):
 
     report = evaluate_recall(720, phantom / "labelsTr")
     assert report["recall"] >= 0.5, report["per_structure_mean_best_iou"]
-    layers, geometry = read_proposals(next((phantom / "proposalsTr").glob("*.npz")))
+    arrays = sorted((phantom / "proposalsTr").glob("*.b2nd"))
+    assert len(arrays) == 4 and {p.name for p in (phantom / "proposalsTr").glob("*.json")} == \
+        {p.name.replace(".b2nd", ".json") for p in arrays} | {"summary.json"}  # a table beside every array
+    layers, geometry = read_proposals(next((phantom / "proposalsTr").glob("*.b2nd")))
     assert layers.dtype == np.uint16 and layers.ndim == 4 and list(layers.shape[1:]) == geometry["shape"]
 
 
 def test_deterministic_and_resumable(phantom):
     from mass_nnu.proposals.run import propose_dataset
 
+    from mass_nnu.proposals.store import open_proposals, read_proposals
+
     first = propose_dataset(720, shard="0/2")
     assert first["cases_done"] == 2
-    files = sorted((phantom / "proposalsTr").glob("*.npz"))
-    before = {p.name: np.load(p)["layers"] for p in files}
+    files = sorted((phantom / "proposalsTr").glob("*.b2nd"))
+    assert len(files) == 2
+    before = {p.name: read_proposals(p)[0] for p in files}
+    tables = {p.name: open_proposals(p).table for p in files}
+    assert [first["per_case"][p.name[:-5]]["proposals"] for p in files] == [len(tables[p.name]) for p in files]
     again = propose_dataset(720, shard="0/2")
     assert again["cases_done"] == 0 and again["cases_skipped"] == 2
     for p in files:
-        p.unlink()
-    propose_dataset(720, shard="0/2")
-    assert all(np.array_equal(np.load(phantom / "proposalsTr" / k)["layers"], v) for k, v in before.items())
+        p.with_name(p.name.replace(".b2nd", ".json")).unlink()  # an array without its table is not done
+    assert propose_dataset(720, shard="0/2")["cases_done"] == 2
+    assert all(np.array_equal(read_proposals(phantom / "proposalsTr" / k)[0], v) for k, v in before.items())
+    assert all(np.array_equal(open_proposals(phantom / "proposalsTr" / k).table, v) for k, v in tables.items())
 
 
 def test_out_id_writes_a_new_dataset(phantom, run_cli):
@@ -53,7 +62,8 @@ def test_out_id_writes_a_new_dataset(phantom, run_cli):
     out = Dataset.resolve(730).raw
     assert out.name == "Dataset730_PropPh" and not (phantom / "proposalsTr").exists()
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(p.name for p in (phantom / "imagesTr").iterdir())
-    assert len(list((out / "proposalsTr").glob("*.npz"))) == 1
+    tables = [p for p in (out / "proposalsTr").glob("*.json") if p.name != "summary.json"]
+    assert len(list((out / "proposalsTr").glob("*.b2nd"))) == len(tables) == 1
     # an existing output dataset is reused: the rerun skips the finished case
     assert propose_dataset(720, shard="0/4", out_id=730)["cases_skipped"] == 1
     assert run_cli("propose", "-d", "720", "--out-id", "x1").exit_code == 1

@@ -10,6 +10,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.networks import configuration_manager
 from mass_nnu.errors import MassError
+from mass_nnu.grids import resample_nearest
 
 
 def data_folder(dataset: Dataset, plans: dict, configuration: str) -> Path:
@@ -47,19 +48,21 @@ def open_case(folder: Path, case_id: str):
     return infer_dataset_class(str(folder))(str(folder), [case_id]).load_case(case_id)[0]
 
 
+def case_shape_and_properties(folder: Path, case_id: str) -> tuple[tuple[int, ...], dict]:
+    """(image shape (C, *S), properties) of one preprocessed case, without reading its voxels."""
+    data, _, _, properties = infer_dataset_class(str(folder))(str(folder), [case_id]).load_case(case_id)
+    return tuple(int(s) for s in data.shape), properties
+
+
 def to_preprocessed_grid(layers: np.ndarray, properties: dict, transpose_forward: tuple[int, ...],
                          target_shape: tuple[int, ...]) -> np.ndarray:
     """Label layers (L, *raw) -> (L, *target): nnU-Net's transpose, its crop to the non-zero bounding box, then
-    nearest-neighbour resampling to the preprocessed shape (index mapping at voxel centres)."""
+    nearest-neighbour resampling to the preprocessed shape (``grids.resample_nearest``: voxel-centre index
+    mapping)."""
     layers = layers.transpose([0, *[t + 1 for t in transpose_forward]])
     bbox = properties["bbox_used_for_cropping"]
     layers = layers[(slice(None), *[slice(int(lo), int(hi)) for lo, hi in bbox])]
-    for axis, n_out in enumerate(target_shape):
-        n_in = layers.shape[axis + 1]
-        if n_in != n_out:
-            index = np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
-            layers = np.take(layers, index, axis=axis + 1)
-    return np.ascontiguousarray(layers)
+    return np.ascontiguousarray(resample_nearest(layers, target_shape))
 
 
 def raw_to_preprocessed(layers: np.ndarray, properties: dict, plans: dict, target_shape) -> np.ndarray:

@@ -19,7 +19,7 @@ def propose(
     sam2_config: Optional[str] = typer.Option(None, "--sam2-config", help="SAM 2 config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml"),
     device: str = typer.Option("cpu", "-device", help="cpu or cuda (sam2 backend)."),
 ) -> None:
-    """Write proposals to $nnUNet_raw/<Dataset>/proposalsTr/<case>.npz (reruns skip finished cases)."""
+    """Write proposals to $nnUNet_raw/<Dataset>/proposalsTr/<case>.b2nd + .json (reruns skip finished cases)."""
     from mass_nnu.proposals.run import evaluate_recall, propose_dataset
 
     summary = propose_dataset(dataset, backend, shard, seed, sam2_checkpoint, sam2_config, device, num_processes,

@@ -22,15 +22,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 from mass_nnu.adapter.augmentation import apply_view, view_transforms
 from mass_nnu.adapter.datasets import Dataset
-from mass_nnu.adapter.preprocessed import data_folder, load_case, open_case, raw_to_preprocessed, require_case_ids
+from mass_nnu.adapter.preprocessed import (
+    case_shape_and_properties,
+    data_folder,
+    open_case,
+    raw_to_preprocessed,
+    require_case_ids,
+)
 from mass_nnu.errors import MassError
-from mass_nnu.io import atomic_path
-from mass_nnu.proposals.store import check_geometry, proposal_dir, proposal_path, read_proposals
+from mass_nnu.proposals.store import (
+    ARRAY,
+    ProposalStore,
+    check_geometry,
+    find_proposals,
+    is_complete,
+    open_proposals,
+    proposal_dir,
+    write_layers,
+)
 
 
 @dataclass
@@ -46,61 +59,65 @@ def proposals_folder(data_folder: Path) -> Path:
     return data_folder.parent / f"{data_folder.name}_proposals"
 
 
+def context_size(patch_size, context_fraction: float) -> tuple[int, ...]:
+    """The context crop: patch + 2·round(fraction·patch) per axis."""
+    return tuple(int(p) + 2 * round(context_fraction * int(p)) for p in patch_size)
+
+
 def prepare_proposals(dataset: Dataset, plans: dict, configuration: str,
                       min_voxels: int = 8) -> tuple[Path, list[str]]:
-    """Map every case's raw proposals onto the preprocessed grid (once; existing files are kept). Returns the
-    folder and the usable case ids. Refuses proposals made for another image."""
+    """Map every case's raw proposals onto the preprocessed grid, one layer at a time, into
+    ``<data_identifier>_proposals/<case>.b2nd`` + ``<case>.json`` (chunked for the configuration's context crop;
+    the table computed once). Complete cases are kept; an old ``<case>.npz`` there is remade and removed. Returns
+    the folder and the case ids with at least one proposal of ``min_voxels``. Refuses proposals made for another
+    image."""
     dataset = Dataset.resolve(dataset)
     data_dir = data_folder(dataset, plans, configuration)
     raw_dir = proposal_dir(dataset)
     out_dir = proposals_folder(data_dir)
     cases = require_case_ids(data_dir)
-    missing = [c for c in cases if not proposal_path(dataset, c).is_file()]
+    sources = {c: find_proposals(raw_dir, c) for c in cases}
+    missing = [c for c in cases if sources[c] is None]
     if len(missing) == len(cases):
         raise MassError(f"{raw_dir}: no proposals found for {len(cases)} preprocessed cases; "
                         f"run 'mass propose -d {dataset}' first")
     if missing:
         warnings.warn(f"{raw_dir}: {len(missing)} case(s) without proposals are left out: {', '.join(missing[:5])}",
                       stacklevel=1)
+    patch = plans["configurations"][configuration].get("patch_size")
+    context = context_size(patch, SamplerSettings.context_fraction) if patch else None
     usable = []
     for case in tqdm([c for c in cases if c not in missing], desc="proposals → preprocessed", unit="case",
                      disable=None):
-        target = out_dir / f"{case}.npz"
-        if not target.is_file():
-            layers, geometry = read_proposals(proposal_path(dataset, case))
-            data, properties = load_case(data_dir, case)
-            sitk_geometry = properties.get("sitk_stuff", {})
-            check_geometry(geometry, {
-                "shape": [properties["shape_before_cropping"][plans["transpose_backward"][i]] for i in range(3)],
-                "spacing": list(properties["spacing"]),
-                "origin": list(sitk_geometry.get("origin", geometry["origin"])),
-                "direction": list(np.ravel(sitk_geometry.get("direction", geometry["direction"])))},
-                proposal_path(dataset, case))
-            mapped = raw_to_preprocessed(layers, properties, plans, data.shape[1:]) if len(layers) else \
-                np.zeros((0, *data.shape[1:]), np.uint16)
-            stats = proposal_stats(mapped, min_voxels)
-            with atomic_path(target) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, layers=mapped.astype(np.uint16), stats=stats)
-        with np.load(target) as f:
-            if len(f["stats"]):
-                usable.append(case)
+        target = out_dir / f"{case}{ARRAY}"
+        if is_complete(out_dir, case):
+            table = open_proposals(target).table
+        else:
+            table = _map_case(open_proposals(sources[case]), data_dir, case, plans, target, context)
+        if (table[:, 2] >= min_voxels).any():
+            usable.append(case)
     if not usable:
         raise MassError(f"{raw_dir}: every case has zero usable proposals (≥ {min_voxels} voxels after "
                         f"preprocessing); check the images or run 'mass propose' with other settings")
     return out_dir, usable
 
 
-def proposal_stats(layers: np.ndarray, min_voxels: int) -> np.ndarray:
-    """One row per usable proposal: layer, label, size, bbox low (3), bbox high (3)."""
-    rows = []
-    for index, layer in enumerate(layers):
-        sizes = np.bincount(layer.ravel())
-        for label, box in enumerate(ndimage.find_objects(layer.astype(np.int64)), start=1):
-            if box is None or sizes[label] < min_voxels:
-                continue
-            rows.append([index, label, sizes[label], *[s.start for s in box], *[s.stop for s in box]])
-    return np.asarray(rows, np.int64).reshape(-1, 9)
+def _map_case(source: ProposalStore, data_dir: Path, case: str, plans: dict, target: Path, context) -> np.ndarray:
+    """One case's raw proposals → the preprocessed grid (transpose, crop, nearest resampling), layer by layer."""
+    shape, properties = case_shape_and_properties(data_dir, case)
+    sitk_geometry = properties.get("sitk_stuff", {})
+    geometry = source.geometry
+    check_geometry(geometry, {
+        "shape": [properties["shape_before_cropping"][plans["transpose_backward"][i]] for i in range(3)],
+        "spacing": list(properties["spacing"]),
+        "origin": list(sitk_geometry.get("origin", geometry["origin"])),
+        "direction": list(np.ravel(sitk_geometry.get("direction", geometry["direction"])))},
+        source.path)
+    meta = {"geometry": {"shape": list(shape[1:])}, "grid": "preprocessed", "source": source.path.name,
+            "backend": source.backend, "params": source.params}
+    return write_layers(target, len(source), shape[1:],
+                        lambda i: raw_to_preprocessed(source.read(i)[None], properties, plans, shape[1:])[0],
+                        meta, patch=context)
 
 
 @dataclass
@@ -171,15 +188,14 @@ def view_centres(anchor, patch_size, context, settings: SamplerSettings,
     return ref, ref + offset
 
 
-def proposals_in_crop(layers: np.ndarray, stats: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Voxels of every proposal (stats row) inside the box [low, high) of ``layers`` (L, *S); rows whose bounding
-    box misses the box are 0 without being counted."""
+def proposals_in_crop(store: ProposalStore, stats: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Voxels of every proposal (stats row) inside the box [low, high) of the store's layers: only layers with a
+    row whose bounding box meets the box are read, and only inside the box; other rows are 0 uncounted."""
     counts = np.zeros(len(stats), np.int64)
     hits = np.all((stats[:, 3:6] < high) & (stats[:, 6:9] > low), axis=1)
-    box = tuple(slice(max(int(lo), 0), max(int(hi), 0)) for lo, hi in zip(low, high))
     for layer in np.unique(stats[hits, 0]):
         rows = np.flatnonzero(hits & (stats[:, 0] == layer))
-        values = layers[layer][box]
+        values = store.read(int(layer), low, high)
         found = np.bincount(values.ravel(), minlength=int(stats[rows, 1].max()) + 1)
         counts[rows] = found[stats[rows, 1]]
     return counts
@@ -194,27 +210,28 @@ class TaskSampler:
         self.sources = sources
         self.patch_size = tuple(int(p) for p in patch_size)
         self.settings = settings or SamplerSettings()
-        self.context = tuple(p + 2 * int(round(self.settings.context_fraction * p)) for p in self.patch_size)
+        self.context = context_size(self.patch_size, self.settings.context_fraction)
         self.weak, self.strong = view_transforms(self.patch_size, False), view_transforms(self.patch_size, True)
 
     def _load(self, source: CaseSource):
-        """(image, proposal layers, stats); the image stays lazy (nnU-Net's blosc2 / memory-mapped arrays)."""
+        """(image, proposals, usable table rows); both stay lazy (blosc2): a crop reads only its blocks."""
         data = open_case(source.data_folder, source.case_id)
-        with np.load(source.proposals_folder / f"{source.case_id}.npz") as f:
-            return data, f["layers"], f["stats"]
+        store = open_proposals(source.proposals_folder / f"{source.case_id}{ARRAY}")
+        table = store.table
+        return data, store, table[table[:, 2] >= self.settings.min_voxels]
 
     def draw(self, rng: np.random.Generator) -> dict:
         """The un-augmented parts of a sample: the two context crops (image, masks) and their geometry."""
         s = self.settings
         source = self.sources[rng.integers(len(self.sources))]
-        data, layers, stats = self._load(source)
+        data, store, stats = self._load(source)
         first = int(pick_tasks(stats, 1, rng)[0])
         primary = stats[first]
-        region = layers[primary[0]][tuple(slice(lo, hi) for lo, hi in zip(primary[3:6], primary[6:9]))]
+        region = store.read(int(primary[0]), primary[3:6], primary[6:9])
         inside = np.argwhere(region == primary[1])
         anchor = inside[rng.integers(len(inside))] + primary[3:6]
         ref_center, query_center = view_centres(anchor, self.patch_size, self.context, s, rng)
-        counts = proposals_in_crop(layers, stats, *crop_box(ref_center, self.patch_size))  # the reference view
+        counts = proposals_in_crop(store, stats, *crop_box(ref_center, self.patch_size))  # the reference view
         candidates = np.flatnonzero(counts >= s.min_voxels)
         candidates = candidates[candidates != first]
         in_crop = stats[candidates].copy()
@@ -223,10 +240,10 @@ class TaskSampler:
         chosen = stats[np.concatenate(([first], others)).astype(np.int64)]
         used = np.unique(chosen[:, 0])  # crop only the layers the tasks come from, masks on the crops only
         slot = np.searchsorted(used, chosen[:, 0])
+        labels = chosen[:, 1].reshape(-1, *[1] * len(self.context))
         views = []
         for center in (ref_center, query_center):
-            cropped = [crop(layers[layer][None], center, self.context)[0] for layer in used]
-            masks = np.stack([cropped[i] == label for i, label in zip(slot, chosen[:, 1])])
+            masks = store.crop(used, *crop_box(center, self.context))[slot] == labels
             views.append((crop(data, center, self.context).astype(np.float32, copy=False), masks.astype(np.uint8)))
         return {"views": views, "anchor": anchor, "centers": (ref_center, query_center), "tasks": chosen,
                 "case": source.case_id}

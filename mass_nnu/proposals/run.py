@@ -21,8 +21,10 @@ from mass_nnu.io import read_image, save_json_atomic
 from mass_nnu.proposals.evaluate import best_iou_per_structure
 from mass_nnu.proposals.sam2_backend import Sam2Settings, load_sam2, sam2_proposals
 from mass_nnu.proposals.store import (
-    count_proposals,
+    RESERVED_CASES,
+    find_proposals,
     image_geometry,
+    list_proposals,
     proposal_dir,
     proposal_path,
     read_proposals,
@@ -108,10 +110,15 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
     if not cases:
         raise MassError(f"{dataset.raw / 'imagesTr'}: no images ending in {dataset.file_ending}")
     todo = shard_cases(list(cases), parse_shard(shard))
+    clash = sorted(set(todo) & set(RESERVED_CASES))
+    if clash:
+        case = clash[0]
+        raise MassError(f"{cases[case][0]}: the case id '{case}' is reserved (proposalsTr/{case}.json is the "
+                        f"run summary); rename the case")
     run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device)
     out = output_dataset(dataset, out_id)
     pending = [(case, cases[case][0], proposal_path(out, case)) for case in todo
-               if not proposal_path(out, case).is_file()]
+               if find_proposals(proposal_dir(out), case) is None]  # done: complete .b2nd + .json, or an old .npz
     skipped = len(todo) - len(pending)
     counts, seconds, empty = {}, {}, []
     jobs = [(run_one, image_path, path, backend, params) for _, image_path, path in pending]
@@ -149,8 +156,8 @@ def _propose_case(job) -> tuple[int, float]:
     start = time.time()
     layers = run_one(array, image.GetSpacing()[::-1])
     elapsed = time.time() - start
-    write_proposals(out_path, layers, image_geometry(image), backend, params)
-    return count_proposals(layers), elapsed
+    table = write_proposals(out_path, layers, image_geometry(image), backend, params)
+    return len(table), elapsed
 
 
 def _merge_summary(path: Path, summary: dict, params: dict) -> None:
@@ -171,8 +178,7 @@ def evaluate_recall(dataset, labels_dir: str | Path, threshold: float = 0.5) -> 
         raise MassError(f"{labels_dir}: --eval-labels folder not found")
     ending = dataset.file_ending
     per_case, best_all = {}, []
-    for path in sorted(proposal_dir(dataset).glob("*.npz")):
-        case = path.stem
+    for case, path in list_proposals(proposal_dir(dataset)).items():
         label_path = labels_dir / f"{case}{ending}"
         if not label_path.is_file():
             raise MassError(f"{label_path}: no label for image {case} (needed by --eval-labels)")

@@ -1,0 +1,27 @@
+"""Nearest-neighbour mapping between two voxel grids over the same field of view (voxel-centre index mapping).
+
+Output voxel ``i`` of ``n_out`` takes input voxel ``floor((i + 0.5) · n_in / n_out)``: the input voxel that holds
+the output voxel's centre. Used for label maps only (no interpolation): a backend's working grid → the raw grid
+(``proposals/store.py``) and the cropped raw grid → nnU-Net's preprocessed grid (``adapter/preprocessed.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """For each of ``n_out`` output voxels, the index of the input voxel (of ``n_in``) holding its centre."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def resample_nearest(array: np.ndarray, shape) -> np.ndarray:
+    """``array`` with its last ``len(shape)`` axes mapped to ``shape`` (leading axes kept), in one indexing pass
+    (no intermediate arrays); unchanged axes are not copied twice, an equal shape returns ``array`` itself."""
+    shape = tuple(int(s) for s in shape)
+    lead = array.ndim - len(shape)
+    if lead < 0:
+        raise ValueError(f"array of {array.ndim} dimensions cannot be mapped to {len(shape)} axes")
+    if tuple(array.shape[lead:]) == shape:
+        return array
+    index = [nearest_indices(n_in, n_out) for n_in, n_out in zip(array.shape[lead:], shape)]
+    return array[(slice(None),) * lead + np.ix_(*index)]
