@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_TRAINER as TINY
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")

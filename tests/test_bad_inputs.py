@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_weights
 
 SHAPE, SPACING = (16, 20, 20), (1.5, 1.5, 1.5)
 CASE = "bad_tr000"

@@ -74,7 +74,6 @@ def test_initialize_loads_encoder_and_scratch_twin_differs(weights, experiment_e
     from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS
 
     path, state, _ = weights
-    from mass_nnu.adapter.datasets import Dataset
 
     plans = Dataset.resolve(experiment_env["downstream"]).plans(experiment_env["plans"])
     networks = {}

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_TRAINER as TINY
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")  # no worker pools in validation and evaluation
@@ -35,8 +34,8 @@ def incontext_trainer(pretrained: Path, experiment_env):
 
 def test_network_starts_as_incontext_segmentation_of_the_labelled_case(uninterrupted, experiment_env):
     from mass_nnu.finetuning.incontext_head import InContextHeadNetwork
-    from mass_nnu.model.references import Reference, encode_tasks
     from mass_nnu.model.artifacts import load_mass_model
+    from mass_nnu.model.references import Reference, encode_tasks
 
     trainer = incontext_trainer(uninterrupted, experiment_env)
     network = trainer.network

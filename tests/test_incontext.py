@@ -67,11 +67,11 @@ def save_random_model(folder, plans: dict, seed: int = 0):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Phantom dataset (4 training cases, 2 test cases), a random-weight model folder, odd-geometry files."""
+    import torch
+
     from mass_nnu.demo_data.phantom import make_phantom_case, write_phantom_dataset
     from mass_nnu.demo_data.writer import write_image
     from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
-
-    import torch
 
     root = tmp_path_factory.mktemp("incontext")
     threads = torch.get_num_threads()

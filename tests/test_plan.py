@@ -1,12 +1,9 @@
 import json
 
-import pytest
-
 
 def test_transferred_plans_build_the_target_network(experiment_env):
     from mass_nnu.adapter.datasets import Dataset
     from mass_nnu.adapter.networks import build_network
-    from mass_nnu.adapter.datasets import Dataset
 
     plans_id = experiment_env["plans"]
     target = Dataset.resolve(712).plans(plans_id)
@@ -60,8 +57,8 @@ def test_plan_cli_several_pretraining_datasets(nnunet_env, run_cli):
     """Two pretraining datasets (one without labelsTr) take the target's plans; the table shows all three."""
     import shutil
 
-    from mass_nnu.adapter.networks import build_network
     from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.adapter.networks import build_network
     from mass_nnu.demo_data.phantom import write_phantom_dataset
 
     write_phantom_dataset(805, "PlanMe", 3, 0, shape=(24, 32, 32))

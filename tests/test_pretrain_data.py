@@ -101,8 +101,8 @@ def test_view_centres_overlap_by_the_definition():
 def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
     """Patch much smaller than the volume: tasks = proposals the reference view holds; masks = crops of the
     proposals; a task may leave the query view and then stays as an empty (valid) target."""
-    from mass_nnu.proposals.store import read_proposals
     from mass_nnu.pretraining.sampling import crop, crop_overlap
+    from mass_nnu.proposals.store import read_proposals
 
     sampler, folder, _, _ = _sampler(experiment_env, patch=(12, 12, 12))
     s = sampler.settings

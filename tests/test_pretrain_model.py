@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mass_nnu.errors import MassError
-from mass_nnu.model.loss import InContextLoss, deep_supervision_weights, dice_per_task, downsample_target
 from mass_nnu.model.artifacts import load_mass_model
+from mass_nnu.model.loss import InContextLoss, deep_supervision_weights, dice_per_task, downsample_target
 from mass_nnu.model.mass_model import MASSModel, TaskTokens, build_mass_model
 
 ARCHS = {

@@ -34,7 +34,6 @@ def test_supervoxel_proposals_find_the_organs(phantom, run_cli):
 
 def test_deterministic_and_resumable(phantom):
     from mass_nnu.proposals.run import propose_dataset
-
     from mass_nnu.proposals.store import open_proposals, read_proposals
 
     first = propose_dataset(720, shard="0/2")
