@@ -110,9 +110,9 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
     """Every method once (1 epoch × 1 iteration), validation first, then the test split completes the cells with
     their trained models; no labelled case is ever scored in the validation figure."""
     out = tmp_path / "bench"
-    args = ("benchmark", "-d", experiment_env["downstream"], "-w", uninterrupted, "--budgets", "1", "--seeds", "1",
-            "--epochs", "1", "--iters-per-epoch", "1", "--methods", "mass", "--methods", "scratch", "--methods",
-            "random-init", "--methods", "incontext", "-o", out)
+    base = ("benchmark", "-d", experiment_env["downstream"], "-w", uninterrupted, "--budgets", "1", "--seeds", "1",
+            "--epochs", "1", "--iters-per-epoch", "1")
+    args = (*base, "--methods", "mass", "--methods", "scratch", "--methods", "random-init", "--incontext", "-o", out)
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -148,9 +148,10 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
     other = run_cli(*args[:-2], "--lr", "0.001", "-o", out)
     assert other.exit_code == 1 and "run with other settings" in other.output
 
-    final = run_cli(*args[:-2], "--split", "test", "-o", out)  # the test set, once, with the trained models
-    assert final.exit_code == 0, final.output
+    final = run_cli(*base, "--methods", "mass", "--methods", "incontext", "--split", "test", "-o", out)
+    assert final.exit_code == 0, final.output  # the test set, once, with the trained models
     tested = {c["method"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert set(tested) == {"mass", "incontext"}
     for method, cell in tested.items():
         assert cell["split"] == "test" and set(cell["dice"]) == {"validation", "test"}
         assert cell["dice"]["validation"] == cells[method]["dice"]["validation"]  # the same trained model
