@@ -131,6 +131,9 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
                   for c in json.loads((fold / "validation" / "summary.json").read_text())["metric_per_case"]}
         assert scored == set(budget["val"]) and not scored & set(budget["train"])
         assert cells[method]["dice"]["validation"]["cases"] == sorted(budget["val"])
+    logs = {m: "".join(p.read_text() for p in (Path(cells[m]["model_folder"]) / "fold_0").glob("training_log_*.txt"))
+            for m in ("mass", "random-init")}
+    assert "random initialisation" in logs["random-init"] and "random initialisation" not in logs["mass"]
     ic = cells["incontext"]
     assert not set(ic["dice"]["validation"]["cases"]) & set(ic["train_cases"])
     diag = ic["diagnostics"]["validation"]
