@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from mass_nnu.errors import MassError
 

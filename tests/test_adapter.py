@@ -104,4 +104,4 @@ def test_trainer_construction_predictor_and_evaluation(experiment_env, tmp_path)
     assert predicted == sorted(f"{c}.nii.gz" for c in dataset.cases("Ts"))
     summary = evaluate_folder(dataset.raw / "labelsTs", out, plans, dataset.dataset_json(), tmp_path / "summary.json")
     labels = {str(v) for k, v in dataset.dataset_json()["labels"].items() if k != "background"}
-    assert set(summary["mean"]) == labels and json.loads((tmp_path / "summary.json").read_text())["mean"]
+    assert set(map(str, summary["mean"])) == labels and json.loads((tmp_path / "summary.json").read_text())["mean"]

@@ -26,7 +26,7 @@ def test_report_aggregates_seeds_and_pairs_them(tmp_path):
     assert rows["mass"]["per_seed"] == {"0": 0.6, "1": 0.8, "2": 0.7}
     assert rows["scratch"]["per_structure"]["spleen"] == pytest.approx(0.15)
     assert rows["mass"]["absent"] == ["cyst"] and "cyst" not in rows["mass"]["per_structure"]
-    assert all(v == v for r in rows.values() for v in [r["dice_mean"], *r["per_structure"].values()])  # no NaN
+    assert all(math.isfinite(v) for r in rows.values() for v in [r["dice_mean"], *r["per_structure"].values()])
     test_rows = {r["method"]: r for r in aggregate(cells, "test")}
     assert test_rows["mass"]["dice_mean"] == pytest.approx(0.7) and test_rows["mass"]["split"] == "test"
     assert test_rows["mass"]["absent"] == ["cyst"] and set(test_rows["mass"]["per_structure"]) == {"liver"}

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
-import matplotlib.style  # noqa: F401  (matplotlib.style.context; not loaded by 'import matplotlib')
+import matplotlib.style  # matplotlib.style.context: "import matplotlib" alone does not load it
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
@@ -131,10 +131,11 @@ def markdown_table(rows: list[dict], pairs: list[dict] | None = None) -> str:
     diagnosed = [r for r in rows if r.get("diagnostics")]
     if diagnosed:
         ks = sorted({k for r in diagnosed for k in r["diagnostics"].get("ensemble", {})}, key=int)
-        lines += ["", "In-context diagnostics (Dice %): pairing gap = matched references minus references of "
-                  "another class (near 0: the reference is ignored); K = references per class, token average:", "",
-                  "| labelled cases | seeds | matched | other class | pairing gap | "
-                  + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|---|---|---|" + "---|" * len(ks)]
+        caption = ("In-context diagnostics (Dice %): pairing gap = matched references minus references of another "
+                   "class (near 0: the reference is ignored); K = references per class, token average:")
+        header = "| labelled cases | seeds | matched | other class | pairing gap | " + \
+            " | ".join(f"K = {k}" for k in ks) + " |"
+        lines += ["", caption, "", header, "|---|---|---|---|---|" + "---|" * len(ks)]
         for r in diagnosed:
             d = r["diagnostics"]
             pair = d.get("pairing")
