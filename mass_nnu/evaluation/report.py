@@ -44,7 +44,9 @@ def aggregate(cells: list[dict], split: str = "validation") -> list[dict]:
     for cell in cells:
         groups[(cell["method"], cell["budget"])].append(cell)
     rows = []
-    for (method, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][0], _budget_key(kv[0][1]))):
+    order = list(METHOD_LABELS)  # mass, scratch, random-init, incontext; then others by name
+    for (method, budget), group in sorted(groups.items(), key=lambda kv: (
+            order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][0], _budget_key(kv[0][1]))):
         group = sorted(group, key=lambda c: c["seed"])
         figures = [figure(c, split) for c in group]
         dice = np.array([f["mean"] for f in figures], dtype=float)
