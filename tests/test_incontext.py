@@ -324,3 +324,29 @@ def test_probe_planted_signal_and_shuffled_labels(tmp_path, run_cli):
     assert result.exit_code == 1 and "not in" in result.output and "Traceback" not in result.output
     with pytest.raises(MassError, match="folds"):
         probe(features, labels, folds=100)
+
+
+def test_scoring_a_class_without_reference_and_rotated_references(workspace):
+    """A class no reference holds is an empty prediction (Dice 0 where the ground truth has it), as a fine-tuned
+    model that never predicts it; rotated tokens (references of another class) predict something else."""
+    import torch
+
+    from mass_nnu.dice import class_means, summarise
+    from mass_nnu.incontext.common import load_pretrained
+    from mass_nnu.incontext.segment import load_reference, rotated, score_token_sets
+    from mass_nnu.model.references import encode_tasks
+
+    raw = workspace["raw"]
+    pretrained = load_pretrained(workspace["model"])
+    ref = load_reference(raw / "imagesTr" / "phantom_tr000_0000.nii.gz", raw / "labelsTr" / "phantom_tr000.nii.gz",
+                         pretrained, [1, 2])
+    tokens = encode_tasks(pretrained.model, pretrained.patch_size, [ref], [1, 2])
+    scores = score_token_sets(pretrained, {"matched": (tokens, [1, 2]), "mismatched": (rotated(tokens), [1, 2])},
+                              [raw / "imagesTr" / "phantom_tr001_0000.nii.gz"], raw / "labelsTr", [1, 2, 3])
+    matched, mismatched = scores["matched"]["phantom_tr001"], scores["mismatched"]["phantom_tr001"]
+    assert matched["3"] == 0.0 == mismatched["3"]  # the ground truth holds class 3; nothing predicts it
+    rolled = rotated(tokens)
+    assert all(torch.equal(r[:, 0], t[:, 1]) and torch.equal(r[:, 1], t[:, 0]) for r, t in zip(rolled.scales, tokens.scales))
+    figures = summarise(class_means(scores["matched"]), "x")
+    assert set(figures["per_structure"]) == {"1", "2", "3"} and figures["mean"] == pytest.approx(
+        (matched["1"] + matched["2"]) / 3)

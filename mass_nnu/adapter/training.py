@@ -115,14 +115,23 @@ def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: 
 
 def evaluate_folder(reference_folder: Path, prediction_folder: Path, plans: dict, dataset_json: dict,
                     output_file: Path) -> dict:
-    """nnU-Net's ``compute_metrics_on_folder`` with the plans' reader and the dataset's labels/regions."""
+    """nnU-Net's ``compute_metrics_on_folder`` with the plans' reader and the dataset's labels/regions. Every
+    reference case needs its prediction: a missing one is an error, never a smaller test set."""
+    ending = dataset_json["file_ending"]
+    references = sorted(p.name for p in Path(reference_folder).iterdir() if p.name.endswith(ending))
+    if not references:
+        raise MassError(f"{reference_folder}: no reference segmentations (*{ending}) to evaluate against")
+    missing = [name for name in references if not (Path(prediction_folder) / name).is_file()]
+    if missing:
+        raise MassError(f"{prediction_folder}: {len(missing)} of {len(references)} predictions missing "
+                        f"({', '.join(missing)}); every case of {reference_folder} must be predicted")
     manager = PlansManager(plans)
     label_manager = manager.get_label_manager(dataset_json)
     return compute_metrics_on_folder(str(reference_folder), str(prediction_folder), str(output_file),
                                      manager.image_reader_writer_class(), dataset_json["file_ending"],
                                      label_manager.foreground_regions if label_manager.has_regions
                                      else label_manager.foreground_labels,
-                                     label_manager.ignore_label, num_processes=default_processes(), chill=True)
+                                     label_manager.ignore_label, num_processes=default_processes(), chill=False)
 
 
 def default_processes() -> int:

@@ -1,4 +1,4 @@
-"""`mass benchmark`: label-efficiency benchmark (Dice vs number of labelled cases, MASS vs scratch)."""
+"""`mass benchmark`: label-efficiency benchmark (Dice vs number of labelled cases, MASS vs scratch and ablations)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -15,18 +15,22 @@ def benchmark(
     iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", min=1),
     configuration: str = typer.Option("3d_fullres", "-c"),
     fold: str = typer.Option("0", "-f"),
-    incontext: bool = typer.Option(False, "--incontext", help="Also score in-context segmentation (no training)."),
+    methods: List[str] = typer.Option(["mass", "scratch"], "--methods", help="mass, scratch, random-init (the in-context head from random weights, same schedule), incontext (no training); repeat the flag."),
+    incontext: bool = typer.Option(False, "--incontext", help="Alias: add the incontext method."),
+    split: str = typer.Option("validation", "--split", help="validation: the fold's validation cases, for every choice; test: also imagesTs/labelsTs, once, for the final table."),
     device: str = typer.Option("cpu", "-device"),
     out: Optional[str] = typer.Option(None, "-o", help="Output folder (default: $nnUNet_results/<Dataset>/mass_benchmark)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the plans' batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial fine-tuning learning rate (default 1e-2)."),
     head: str = typer.Option("auto", "--head", help="MASS fine-tuning head: incontext, new or auto (see mass finetune)."),
 ) -> None:
-    """Fine-tune MASS and the from-scratch twin per budget and seed; write results.csv/json, a table and a plot."""
+    """Fine-tune MASS, the from-scratch twin and the ablations per budget and seed; write results.csv/json, a table
+    (with paired differences and in-context diagnostics) and a plot."""
     from mass_nnu.evaluation.label_efficiency import run_benchmark
     from mass_nnu.finetuning.settings import FinetuneSettings
 
     schedule = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch, initial_lr=lr,
                                 batch_size=batch_size, mirroring=False, head=head)
-    table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, incontext, device, out)
+    methods = list(methods) + (["incontext"] if incontext else [])
+    table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, methods, device, out, split)
     typer.echo(table)

@@ -1,21 +1,24 @@
-"""`mass benchmark`: Dice against the number of labelled cases, MASS-initialised vs the from-scratch twin.
+"""`mass benchmark`: Dice against the number of labelled cases, MASS-initialised vs the from-scratch twin and the
+ablations (docs/benchmarks.md, "Protocol").
 
-Every cell (method, budget, seed) fine-tunes with identical plans, schedule and labelled subset and is evaluated
-on the held-out imagesTs/labelsTs with nnU-Net's evaluation. Cells are saved as they finish, so a rerun resumes.
+Every cell (method, budget, seed) trains with identical plans, schedule and labelled subset and is scored on the
+fold's validation cases (nnU-Net's final validation; never a labelled case); with ``--split test`` also on the
+held-out imagesTs/labelsTs, once. Cells are saved as they finish, so a rerun resumes, and a test run completes
+the validation cells with their trained models.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.training import fold_cases
+from mass_nnu.dice import class_means, summarise
 from mass_nnu.errors import MassError
 from mass_nnu.evaluation.report import write_report
 from mass_nnu.finetuning.budget import select_budget
@@ -23,12 +26,24 @@ from mass_nnu.finetuning.incontext_head import choose_head
 from mass_nnu.finetuning.run import finetune_dataset
 from mass_nnu.finetuning.settings import FinetuneSettings
 from mass_nnu.incontext.common import load_pretrained
-from mass_nnu.incontext.segment import mean_dice, segment_cases
+from mass_nnu.incontext.segment import load_reference, rotated, score_token_sets
 from mass_nnu.io import save_json_atomic
 from mass_nnu.model.artifacts import load_weights_file
+from mass_nnu.model.references import encode_tasks
 from mass_nnu.planning.plan import ensure_plans
 
-METHODS = ("mass", "scratch")
+METHODS = ("mass", "scratch", "random-init", "incontext")
+FINETUNED = ("mass", "scratch", "random-init")
+SPLITS = ("validation", "test")
+ENSEMBLE_K = (1, 3)  # in-context diagnostics: references per class, token-level average
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """Known, each once, in the order given."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MassError(f"--methods {' '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
 
 
 def parse_budgets(budgets: Sequence[str], num_available: int) -> list[tuple[str, int]]:
@@ -51,90 +66,163 @@ def cell_path(out_dir: Path, method: str, budget: str, seed: int) -> Path:
 
 
 def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods: Sequence[str],
-              run_one: Callable[[str, int, int], dict], settings: dict | None = None) -> list[dict]:
-    """Run every missing cell with ``run_one(method, num_labeled, seed) -> {mean_dice, per_structure}``. A saved
-    cell is reused only when it was run with the same ``settings`` (schedule, weights, head, ...)."""
+              run_one: Callable[..., dict], settings: Callable[[str], dict], split: str = "validation") -> list[dict]:
+    """Run every missing cell with ``run_one(method, num_labeled, seed, test, resume) -> {"dice": {split: {mean,
+    per_structure, absent, cases}}, "train_cases": [...], ...}``. A saved cell is reused only when it was run with the
+    same ``settings(method)``; with ``split == "test"`` a cell holding only the validation figure is completed
+    (``resume``: its trained model is reused, the test set scored once)."""
+    if split not in SPLITS:
+        raise MassError(f"--split {split}: choose {' or '.join(SPLITS)}")
     grid = [(m, b, n, s) for b, n in budgets for s in range(seeds) for m in methods]
     cells = []
     for method, budget, num_labeled, seed in tqdm(grid, desc="benchmark cells", unit="cell", disable=None):
         path = cell_path(out_dir, method, budget, seed)
-        if path.is_file():
-            cell = json.loads(path.read_text())
-            if cell.get("settings") != settings:
-                raise MassError(f"{path}: run with other settings ({cell.get('settings')}, now {settings}); "
-                                f"choose another -o or delete the folder")
-            cells.append(cell)
+        wanted = settings(method)
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and saved.get("settings") != wanted:
+            raise MassError(f"{path}: run with other settings ({saved.get('settings')}, now {wanted}); "
+                            f"choose another -o or delete the folder")
+        if saved is not None and split in saved.get("dice", {}):
+            cells.append(saved)
             continue
         start = time.time()
-        result = run_one(method, num_labeled, seed)
-        cell = {"method": method, "budget": budget, "num_labeled": num_labeled, "seed": seed,
-                "mean_dice": float(result["mean_dice"]),
-                "per_structure": {k: float(v) for k, v in result["per_structure"].items()},
-                "seconds": round(time.time() - start, 1), "settings": settings}
+        result = run_one(method, num_labeled, seed, test=split == "test", resume=saved is not None)
+        leaked = sorted(set(result["dice"]["validation"]["cases"]) & set(result["train_cases"]))
+        if leaked:
+            raise MassError(f"{path}: labelled (training) case(s) {', '.join(leaked)} scored in the validation figure")
+        cell = {"method": method, "budget": budget, "num_labeled": num_labeled, "seed": seed, "split": split,
+                "mean_dice": float(result["dice"][split]["mean"]),
+                "per_structure": dict(result["dice"][split]["per_structure"]), **result,
+                "seconds": round(time.time() - start + (saved or {}).get("seconds", 0.0), 1), "settings": wanted}
         save_json_atomic(cell, path)
         cells.append(cell)
     return cells
 
 
 def _finetune_cell(dataset: Dataset, weights, configuration, fold, device, settings: FinetuneSettings):
-    def run_one(method: str, num_labeled: int, seed: int) -> dict:
-        results = finetune_dataset(dataset, replace(settings, num_labeled=num_labeled, seed=seed), weights=weights,
-                                   scratch=method == "scratch", configuration=configuration, fold=fold,
-                                   device=device)
-        if "test" not in results["dice"]:
-            raise MassError(f"{results['model_folder']}: no test Dice; the benchmark needs imagesTs and labelsTs")
-        table = dict(results["dice"]["test"])
-        mean = table.pop("mean")
-        return {"mean_dice": mean, "per_structure": table}
+    def run_one(method: str, num_labeled: int, seed: int, test: bool, resume: bool) -> dict:
+        cell_settings = replace(settings, num_labeled=num_labeled, seed=seed,
+                                random_init=True if method == "random-init" else None)
+        results = finetune_dataset(dataset, cell_settings, weights=weights, scratch=method == "scratch",
+                                   configuration=configuration, fold=fold, device=device, continue_training=resume,
+                                   test=test)
+        dice = {}
+        for split in ("validation", "test") if test else ("validation",):
+            if split not in results["dice"]:
+                raise MassError(f"{results['model_folder']}: no {split} Dice"
+                                + ("; the benchmark needs imagesTs and labelsTs" if split == "test" else ""))
+            table = dict(results["dice"][split])
+            mean = table.pop("mean")
+            dice[split] = {"mean": mean, "per_structure": table, "absent": results["absent_classes"][split],
+                           "cases": results["cases"][split]}
+        return {"dice": dice, "train_cases": results["cases"]["train"], "model_folder": results["model_folder"],
+                "plans": results["plans"]}
 
     return run_one
 
 
-def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], out_dir: Path):
-    """In-context segmentation of imagesTs with the first N of the seed's labelled subset as references."""
+def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], val_cases: list[str]):
+    """In-context segmentation (no training) with the seed's labelled subset as references, scored under the same
+    rule as the fine-tuned cells (every foreground class; one no reference holds is an empty prediction). Beside
+    it the diagnostics: the pairing gap (matched references minus references of another class: tokens rotated by
+    one class) and K-reference ensembles (the first K of the seed's draw, K in ENSEMBLE_K)."""
     folder = Path(weights)
     pretrained = load_pretrained(folder if folder.is_dir() else folder.parent, device=device)
     meta = dataset.dataset_json()
     names = {str(v): k for k, v in meta["labels"].items() if not isinstance(v, list) and v != 0}
+    score_labels = sorted(int(v) for v in names)
+    loaded: dict[str, object] = {}
 
-    def run_one(method: str, num_labeled: int, seed: int) -> dict:
+    def tokens_of(cases: list[str]):
+        for c in cases:
+            if c not in loaded:
+                loaded[c] = load_reference(dataset.image_file(c), dataset.label_file(c), pretrained, None)
+        references = [loaded[c] for c in cases]
+        labels = sorted({v for r in references for v in r.labels})
+        return encode_tasks(pretrained.model, pretrained.patch_size, references, labels), labels
+
+    def figures(per_case: dict, source: str, labels=None) -> dict:
+        means = class_means(per_case, [str(v) for v in (labels or score_labels)])
+        out = summarise({names.get(k, k): v for k, v in means.items()}, source)
+        return {**out, "cases": sorted(per_case)}
+
+    def run_one(method: str, num_labeled: int, seed: int, test: bool, resume: bool) -> dict:
         refs = select_budget(train_cases, num_labeled, None, seed)
-        references = [(dataset.image_file(c), dataset.label_file(c)) for c in refs]
-        results = segment_cases(pretrained, references, [dataset.raw / "imagesTs"],
-                                out_dir / f"n{num_labeled}_seed{seed}", gt_folder=dataset.raw / "labelsTs")
-        per_label = mean_dice(results)
-        per_structure = {names.get(str(k), str(k)): float(v) for k, v in per_label.items() if str(k) != "mean"}
-        return {"mean_dice": float(np.nanmean(list(per_structure.values()))), "per_structure": per_structure}
+        tokens, labels = tokens_of(refs)
+        sets = {"matched": (tokens, labels)}
+        if len(labels) >= 2:
+            sets["mismatched"] = (rotated(tokens), labels)
+        ensemble = {k: select_budget(train_cases, min(k, len(train_cases)), None, seed) for k in ENSEMBLE_K}
+        for k, cases in ensemble.items():
+            if cases != refs:
+                sets[f"k{k}"] = tokens_of(cases)
+        dice, diagnostics = {}, {}
+        queries = {"validation": ([dataset.image_file(c) for c in val_cases], dataset.raw / "labelsTr")}
+        if test:
+            queries["test"] = ([dataset.raw / "imagesTs"], dataset.raw / "labelsTs")
+        for split, (images, gt) in queries.items():
+            scores = score_token_sets(pretrained, sets, images, gt, score_labels)
+            source = f"in-context {split} (n{num_labeled}, seed {seed})"
+            dice[split] = figures(scores["matched"], source)
+            gap = None
+            if "mismatched" in scores:
+                matched = figures(scores["matched"], source, labels)["mean"]
+                mismatched = figures(scores["mismatched"], source, labels)["mean"]
+                gap = {"matched": matched, "mismatched": mismatched, "gap": matched - mismatched}
+            diagnostics[split] = {
+                "pairing": gap,
+                "ensemble": {str(k): figures(scores["matched" if cases == refs else f"k{k}"], source)["mean"]
+                             for k, cases in ensemble.items()}}
+        return {"dice": dice, "train_cases": refs, "diagnostics": diagnostics,
+                "references": {"cell": refs, **{f"k{k}": cases for k, cases in ensemble.items()}}}
 
     return run_one
 
 
 def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule: FinetuneSettings,
-                  configuration: str = "3d_fullres", fold: str = "0", incontext: bool = False, device: str = "cpu",
-                  out: str | None = None) -> str:
+                  configuration: str = "3d_fullres", fold: str = "0", methods: Sequence[str] = ("mass", "scratch"),
+                  device: str = "cpu", out: str | None = None, split: str = "validation") -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table.
-    ``schedule`` is every cell's fine-tuning (the budget and seed are the cell's)."""
+    ``schedule`` is every fine-tuned cell's training (the budget and seed are the cell's). ``split``: the figure
+    reported, "validation" (the fold's validation cases; for every choice) or "test" (imagesTs, scored once)."""
     dataset = Dataset.resolve(dataset)
-    if not (dataset.raw / "labelsTs").is_dir():
-        raise MassError(f"{dataset.raw}: no labelsTs; the benchmark evaluates on the held-out imagesTs/labelsTs")
+    methods = check_methods(methods)
+    if split not in SPLITS:
+        raise MassError(f"--split {split}: choose {' or '.join(SPLITS)}")
+    if fold == "all":
+        raise MassError("-f all: the benchmark's validation figure needs a fold's held-out validation cases")
+    if split == "test" and not (dataset.raw / "labelsTs").is_dir():
+        raise MassError(f"{dataset.raw}: no labelsTs; --split test scores the held-out imagesTs/labelsTs")
     weights_path, checkpoint = load_weights_file(weights)
     plans = ensure_plans(dataset, checkpoint["plans_identifier"], configuration,
                          checkpoint["nnssl_adaptation_plan"]["pretrain_plan"], 2)
-    train_cases, _ = fold_cases(dataset, plans, configuration, fold if fold == "all" else int(fold))
+    train_cases, val_cases = fold_cases(dataset, plans, configuration, int(fold))
     out_dir = Path(out) if out else dataset.results / "mass_benchmark"
     parsed = parse_budgets(list(budgets), len(train_cases))
     head, _ = choose_head(schedule.head or "auto", weights_path)
+    if "random-init" in methods and head != "incontext":
+        raise MassError(f"{weights_path}: --methods random-init is the in-context head from random weights; it needs "
+                        f"the full MASS checkpoint of a 'mass pretrain' folder (head here: {head})")
     schedule = replace(schedule, head=head)
-    settings = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold),
-                "epochs": schedule.num_epochs, "iterations_per_epoch": schedule.num_iterations_per_epoch,
-                "batch_size": schedule.batch_size, "learning_rate": schedule.initial_lr,
-                "mirroring": bool(schedule.mirroring), "head": head}
-    finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule)
-    cells = run_cells(out_dir, parsed, seeds, METHODS, finetune, settings)
-    if incontext:
-        run_ic = _incontext_cell(dataset, weights_path, device, train_cases, out_dir / "incontext")
-        cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic,
-                           {k: settings[k] for k in ("weights", "configuration", "fold")})
-    title = (f"{dataset}: MASS vs scratch ({schedule.num_epochs} epochs × {schedule.num_iterations_per_epoch} "
-             f"iterations, {seeds} seed(s))")
-    return write_report(cells, out_dir, title)
+    common = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold)}
+    trained = {**common, "epochs": schedule.num_epochs, "iterations_per_epoch": schedule.num_iterations_per_epoch,
+               "batch_size": schedule.batch_size, "learning_rate": schedule.initial_lr,
+               "mirroring": bool(schedule.mirroring)}
+    per_method = {
+        "mass": {**trained, "method": "mass", "head": head},
+        "scratch": {**trained, "method": "scratch", "head": "nnunet"},
+        "random-init": {**trained, "method": "random-init", "head": "incontext", "random_init": True},
+        "incontext": {**common, "method": "incontext", "references": "the cell's labelled cases",
+                      "ensemble_k": list(ENSEMBLE_K), "pairing": "tokens rotated by one class"},
+    }
+    cells = []
+    finetuned = [m for m in methods if m in FINETUNED]
+    if finetuned:
+        finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule)
+        cells += run_cells(out_dir, parsed, seeds, finetuned, finetune, per_method.get, split)
+    if "incontext" in methods:
+        run_ic = _incontext_cell(dataset, weights_path, device, train_cases, val_cases)
+        cells += run_cells(out_dir, parsed, seeds, ("incontext",), run_ic, per_method.get, split)
+    title = (f"{dataset}: {' vs '.join(methods)} ({schedule.num_epochs} epochs × "
+             f"{schedule.num_iterations_per_epoch} iterations, {seeds} seed(s), {split} Dice)")
+    return write_report(cells, out_dir, title, split)

@@ -16,6 +16,7 @@ from mass_nnu.adapter import training
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.networks import build_network
 from mass_nnu.devices import check_device
+from mass_nnu.dice import class_means, summarise
 from mass_nnu.errors import MassError
 from mass_nnu.finetuning.budget import budget_size, select_budget
 from mass_nnu.finetuning.incontext_head import choose_head
@@ -90,12 +91,26 @@ def check_results_folder(model_dir: Path, pretrain_info: dict) -> None:
                         f"to fine-tune from {pretrain_info.get('weights') or 'scratch'} with the same settings")
 
 
-def dice_table(summary: dict, dataset_json: dict) -> dict[str, float]:
-    """{class name: Dice} from nnU-Net's summary.json, plus the foreground mean."""
+def summary_cases(summary: dict, file_ending: str) -> list[str]:
+    """Case identifiers scored in an nnU-Net summary.json (from its prediction files)."""
+    return sorted(Path(c["prediction_file"]).name[: -len(file_ending)] for c in summary["metric_per_case"])
+
+
+def dice_summary(summary: dict, dataset_json: dict, source: str) -> dict:
+    """nnU-Net's summary.json under the one averaging rule (``mass_nnu.dice``): {"mean", "per_structure",
+    "absent"} by class name, recomputed from the per-case Dice (NaN pairs left out; no NaN in any mean)."""
     names = {str(v): k for k, v in dataset_json["labels"].items() if not isinstance(v, list)}
-    table = {names.get(str(label), str(label)): float(metrics["Dice"]) for label, metrics in summary["mean"].items()}
-    table["mean"] = float(summary["foreground_mean"]["Dice"])
-    return table
+    per_case = {str(i): {names.get(str(label), str(label)): float(m["Dice"]) for label, m in c["metrics"].items()}
+                for i, c in enumerate(summary["metric_per_case"])}
+    classes = [names.get(str(label), str(label)) for label in summary["mean"]]
+    return summarise(class_means(per_case, classes), source)
+
+
+def dice_table(summary: dict, dataset_json: dict, source: str = "summary.json") -> dict[str, float]:
+    """{class name: Dice} of the classes present somewhere, plus the foreground mean over them (absent classes,
+    NaN in nnU-Net's summary, are left out: ``mass_nnu.dice``)."""
+    figures = dice_summary(summary, dataset_json, source)
+    return {**figures["per_structure"], "mean": figures["mean"]}
 
 
 def format_table(tables: dict[str, dict[str, float]]) -> str:
@@ -126,6 +141,10 @@ def prepare_run(dataset: Dataset, weights: Weights, settings: FinetuneSettings, 
     if head == "incontext" and settings.transfer not in (None, "all"):
         raise MassError(f"--transfer {settings.transfer}: applies to --head new (the in-context head uses the whole "
                         f"model)")
+    if settings.random_init and (scratch or head != "incontext"):
+        raise MassError(f"random init: the in-context head from random weights takes its architecture from a full "
+                        f"MASS checkpoint (a 'mass pretrain' folder); {weights.path} gives head '{head}'"
+                        + (" and --scratch is plain nnU-Net" if scratch else ""))
     settings = replace(settings, head=head, mass_config=mass_config)
     train_cases, val_cases = training.fold_cases(dataset, plans, weights.configuration, fold)
     subset = select_budget(train_cases, settings.num_labeled, settings.fraction, settings.seed or 0)
@@ -153,30 +172,57 @@ def train(dataset: Dataset, run_plans: dict, configuration: str, fold, trainer_n
     return trainer
 
 
-def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirroring: bool) -> dict:
-    """Dice tables: the fold's validation (nnU-Net's final validation) and imagesTs when it has labels."""
+def check_validation_cases(summary_file: Path, scored: list[str], val_cases: list[str],
+                           train_cases: list[str]) -> None:
+    """nnU-Net's final validation must score exactly the fold's validation cases, never a training case."""
+    leaked = sorted(set(scored) & set(train_cases))
+    if leaked:
+        raise MassError(f"{summary_file}: training case(s) {', '.join(leaked)} scored as validation")
+    missing = sorted(set(val_cases) - set(scored))
+    if missing:
+        raise MassError(f"{summary_file}: validation case(s) {', '.join(missing)} not scored")
+
+
+def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirroring: bool,
+             train_cases: list[str], test: bool = True) -> tuple[dict, dict]:
+    """Dice of the fold's validation cases (nnU-Net's final validation; with ``-f all`` those are the training
+    cases, so the table is called "training") and, with ``test``, of imagesTs when it has labels.
+    Returns (tables {split: {class: Dice, "mean"}}, details {split: {"mean", "per_structure", "absent", "cases"}})."""
     fold_dir = Path(trainer.output_folder)
     dataset_json = dataset.dataset_json()
-    tables = {}
+    ending = dataset_json["file_ending"]
+    details = {}
     val_summary = fold_dir / "validation" / "summary.json"
     if val_summary.is_file():
-        tables["validation"] = dice_table(json.loads(val_summary.read_text()), dataset_json)
+        summary = json.loads(val_summary.read_text())
+        scored = summary_cases(summary, ending)
+        if fold == "all":
+            split = "training"
+        else:
+            split = "validation"
+            fold_train, val_cases = training.fold_cases(dataset, run_plans, trainer.configuration_name, fold)
+            check_validation_cases(val_summary, scored, val_cases, sorted(set(fold_train) | set(train_cases)))
+        details[split] = {**dice_summary(summary, dataset_json, str(val_summary)), "cases": scored}
     images_ts, labels_ts = dataset.raw / "imagesTs", dataset.raw / "labelsTs"
     predictions = fold_dir / "predictions_imagesTs"
-    if images_ts.is_dir() and any(images_ts.iterdir()):
+    if test and images_ts.is_dir() and any(images_ts.iterdir()):
         training.predict_folder(Path(trainer.output_folder_base), fold, images_ts, predictions, device, mirroring)
         if labels_ts.is_dir() and any(labels_ts.iterdir()):
-            training.evaluate_folder(labels_ts, predictions, run_plans, dataset_json, fold_dir / "summary_imagesTs.json")
-            tables["test"] = dice_table(json.loads((fold_dir / "summary_imagesTs.json").read_text()), dataset_json)
-    return tables
+            summary_file = fold_dir / "summary_imagesTs.json"
+            training.evaluate_folder(labels_ts, predictions, run_plans, dataset_json, summary_file)
+            summary = json.loads(summary_file.read_text())
+            details["test"] = {**dice_summary(summary, dataset_json, str(summary_file)),
+                               "cases": summary_cases(summary, ending)}
+    tables = {split: {**d["per_structure"], "mean": d["mean"]} for split, d in details.items()}
+    return tables, details
 
 
 def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=None, scratch: bool = False,
                      plans_identifier: str | None = None, configuration: str | None = None, fold="0",
                      trainer_name: str = DEFAULT_TRAINER, device: str = "cpu", continue_training: bool = False,
-                     save_npz: bool = False, num_processes: int = 2) -> dict:
+                     save_npz: bool = False, num_processes: int = 2, test: bool = True) -> dict:
     """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
-    ``<fold folder>/mass_finetune_results.json``."""
+    ``<fold folder>/mass_finetune_results.json``. ``test=False``: validation only (imagesTs is not touched)."""
     settings = settings or FinetuneSettings()
     dataset = Dataset.resolve(dataset)
     fold = fold if fold == "all" else int(fold)
@@ -190,7 +236,8 @@ def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=
     run_plans, settings, subset = prepare_run(dataset, resolved, settings, scratch, fold, trainer_name, num_processes)
     trainer = train(dataset, run_plans, resolved.configuration, fold, trainer_name, device, continue_training,
                     save_npz)
-    tables = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False)
+    tables, details = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False, subset,
+                               test)
 
     fold_dir = Path(trainer.output_folder)
     load_weights = run_plans["pretrain_info"]["weights"]
@@ -199,7 +246,10 @@ def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=
                "scratch": load_weights is None, "label_budget": settings.label_budget,
                "num_training_cases": len(subset), "epochs": trainer.num_epochs,
                "iterations_per_epoch": trainer.num_iterations_per_epoch,
-               "model_folder": str(trainer.output_folder_base), "dice": tables}
+               "model_folder": str(trainer.output_folder_base), "dice": tables,
+               "absent_classes": {split: d["absent"] for split, d in details.items()},
+               "cases": {"train": list(subset), **{split: d["cases"] for split, d in details.items()}},
+               "random_init": bool(settings.random_init)}
     save_json_atomic(results, fold_dir / "mass_finetune_results.json")
     if tables:
         print(f"\nDice (%) of {trainer_name} / {run_plans['plans_name']} / fold {fold}:")

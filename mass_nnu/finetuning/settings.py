@@ -30,6 +30,7 @@ class FinetuneSettings:
     num_labeled: int | None = None  # label budget: N training cases of the fold, or
     fraction: float | None = None   # a fraction of them
     mass_config: dict | None = None  # the MASS model's kwargs (head "incontext")
+    random_init: bool | None = None  # head "incontext" from fresh random weights (the pretraining ablation)
 
     def check(self) -> None:
         if self.head not in (*HEADS, "auto", None):
@@ -54,7 +55,8 @@ class FinetuneSettings:
                  f"b{self.batch_size}" if self.batch_size else "",
                  f"lr{self.initial_lr:g}" if self.initial_lr else "",
                  "tenc" if self.transfer == "encoder" and not scratch else "",
-                 "hic" if self.head == "incontext" else ""]
+                 "hic" if self.head == "incontext" else "",
+                 "rand" if self.random_init and not scratch else ""]
         return "_".join(p for p in parts if p)
 
     def to_plans(self) -> dict:

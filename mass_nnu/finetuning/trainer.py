@@ -28,8 +28,8 @@ from mass_nnu.model.artifacts import resolve_mass_checkpoint, resolve_weights_pa
 WEIGHTS_ENV = "MASS_PRETRAINED_WEIGHTS"
 SCRATCH = "scratch"
 TUNABLE = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "warmup_epochs",
-           "frozen_encoder_epochs", "mirroring", "seed", "transfer", "head")
-CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str, "head": str}
+           "frozen_encoder_epochs", "mirroring", "seed", "transfer", "head", "random_init")
+CASTS = {"initial_lr": float, "mirroring": bool, "transfer": str, "head": str, "random_init": bool}
 MAX_TOKEN_CASES = 16  # in-context head: class tokens are averaged over at most this many labelled cases
 
 
@@ -138,6 +138,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
         self.transfer = "all"  # "all": encoder and decoder; "encoder": decoder trained from scratch
         self.head = "new"  # "new": nnU-Net's seg_layers from scratch; "incontext": the pretrained MASS model
         self.seed: int | None = None  # seeds initialisation and (with nnUNet_n_proc_DA=0) sampling/augmentation
+        self.random_init = False  # in-context head: keep the fresh (seeded) weights, do not load the MASS ones
         settings = FinetuneSettings.from_plans(self.plans_manager.plans)
         settings.check()
         for key in TUNABLE:
@@ -199,14 +200,19 @@ class nnUNetTrainerMASS(nnUNetTrainer):
                                                self.num_input_channels, encoder_only=self.transfer == "encoder")
 
     def load_incontext_head(self, source: Path) -> None:
-        """All MASS weights, then task tokens per class encoded from the labelled training cases."""
-        path, checkpoint = resolve_mass_checkpoint(source)
+        """All MASS weights, then task tokens per class encoded from the labelled training cases. With
+        ``random_init`` the MASS weights are not loaded: the same network keeps its fresh seeded initialisation and
+        encodes the class tokens itself (the ablation "in-context head without pretraining")."""
         network = bare_network(self.network)
-        try:
-            network.mass.load_state_dict(checkpoint["network_weights"])
-        except RuntimeError as e:
-            raise MassError(f"{path}: MASS weights do not fit this network ({str(e).splitlines()[0][:200]}); "
-                            f"{plan_hint()}") from None
+        if self.random_init:
+            path = f"random initialisation (seed {self.seed or 0}; architecture of {source}, weights not loaded)"
+        else:
+            path, checkpoint = resolve_mass_checkpoint(source)
+            try:
+                network.mass.load_state_dict(checkpoint["network_weights"])
+            except RuntimeError as e:
+                raise MassError(f"{path}: MASS weights do not fit this network ({str(e).splitlines()[0][:200]}); "
+                                f"{plan_hint()}") from None
         train_keys, _ = self.do_split()
         keys = list(train_keys)[:MAX_TOKEN_CASES]  # an average: more cases only cost memory and time
         dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
@@ -220,8 +226,9 @@ class nnUNetTrainerMASS(nnUNetTrainer):
                               self.print_to_log_file)
         network.train(was_training)
         network.set_tokens(tokens.to(next(network.parameters()).device))
-        self.weights_report = {"transferred": list(network.mass.state_dict()), "adapted": [], "skipped": [],
-                               "task_tokens_from": keys}
+        self.weights_report = {"transferred": [] if self.random_init else list(network.mass.state_dict()),
+                               "adapted": [], "skipped": [], "task_tokens_from": keys,
+                               "random_init": self.random_init}
         self.print_to_log_file(f"MASS weights from {path}: whole MASS model (in-context head); task tokens of "
                                f"{network.num_tasks} classes encoded from {len(keys)} of {len(train_keys)} "
                                f"labelled case(s)")

@@ -20,9 +20,11 @@ from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
 from mass_nnu.adapter import inference
+from mass_nnu.dice import class_means
 from mass_nnu.errors import MassError
 from mass_nnu.incontext.common import Pretrained, case_from_file, image_cases
 from mass_nnu.io import ensure_writable, save_json_atomic
+from mass_nnu.model.mass_model import TaskTokens
 from mass_nnu.model.references import Reference, encode_tasks
 
 BACKGROUND_LOGIT = -30.0  # logit of voxels outside the predicted region (sigmoid ~ 1e-13)
@@ -140,6 +142,38 @@ def segment_cases(pretrained: Pretrained, references: list[tuple[Path, Path]], q
     return results
 
 
+def rotated(tokens: TaskTokens) -> TaskTokens:
+    """Task k gets the tokens of task k+1 (the last gets the first's): references of another class."""
+    return TaskTokens([scale.roll(-1, dims=1) for scale in tokens.scales], tokens.valid.roll(-1, dims=1))
+
+
+def score_token_sets(pretrained: Pretrained, token_sets: dict[str, tuple[TaskTokens, list[int]]], queries,
+                     gt_folder: Path, score_labels: list[int], step_size: float = 0.5,
+                     largest_component: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Dice of several token sets on the same queries, each query read and preprocessed once. ``token_sets``:
+    {name: (tokens, the label each task predicts)}. Every label of ``score_labels`` is scored, also one no task
+    predicts (an empty prediction: Dice 0 where the ground truth holds it, NaN where neither does), as a
+    fine-tuned model that never predicts it is. Returns {name: {case: {label: Dice}}}; nothing is written."""
+    plans = pretrained.plans
+    endings = inference.supported_endings(plans)
+    cases = image_cases(queries, pretrained.num_channels, endings)
+    gt_files = _ground_truth_files(gt_folder, cases, endings)
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in token_sets}
+    for case in tqdm(cases, desc="in-context scoring", unit="case", disable=None):
+        data, properties = inference.read_image(case.files, plans)
+        data, _, properties = inference.preprocess(data, None, properties, plans)
+        region = foreground_box(data, pretrained.patch_size)
+        reference = inference.read_segmentation(gt_files[case.case_id], plans)[0]
+        for name, (tokens, labels) in token_sets.items():
+            logits = predict_logits(pretrained, tokens, data, step_size, region)
+            label_map = to_label_map(logits, properties, pretrained, labels, largest_component)
+            if reference.shape != label_map.shape:
+                raise MassError(f"{gt_files[case.case_id]}: shape {reference.shape} differs from the query's "
+                                f"{label_map.shape}")
+            results[name][case.case_id] = {str(v): inference.dice(reference, label_map, v) for v in score_labels}
+    return results
+
+
 def _ground_truth_files(folder: Path, cases, endings) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -154,13 +188,9 @@ def _ground_truth_files(folder: Path, cases, endings) -> dict[str, Path]:
 
 
 def mean_dice(results: dict) -> dict[str, float]:
-    """Mean Dice per label over cases, ignoring cases where the label is absent from both."""
-    labels = sorted({label for scores in results.values() for label in scores}, key=int)
-    means = {}
-    for label in labels:
-        values = [s[label] for s in results.values() if label in s and not np.isnan(s[label])]
-        means[label] = float(np.mean(values)) if values else float("nan")
-    return means
+    """Mean Dice per label over cases, ignoring cases where the label is absent from both (``mass_nnu.dice``; NaN
+    for a label absent from every case)."""
+    return class_means(results, sorted({label for scores in results.values() for label in scores}, key=int))
 
 
 def dice_table(results: dict) -> str:
