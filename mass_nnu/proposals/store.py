@@ -70,5 +70,23 @@ def check_geometry(geometry: dict, image_geometry_: dict, path: Path) -> None:
                             f"image's {np.round(image_geometry_[key], 3).tolist()}; they were made for another image")
 
 
+def nearest_indices(raw_size: int, working_size: int) -> np.ndarray:
+    """For each raw voxel along one axis, the working-grid voxel whose centre is nearest (same field of view)."""
+    return np.minimum(((np.arange(raw_size) + 0.5) * working_size / raw_size).astype(np.intp), working_size - 1)
+
+
+def working_to_raw_grid(layers: np.ndarray, raw_shape) -> np.ndarray:
+    """(L, *S_w) layers on a backend's working grid -> (L, *raw_shape) on the raw grid, by voxel-centre nearest
+    neighbour (both grids span the same field of view; see ``proposals/resample.py``), one layer at a time."""
+    raw_shape = tuple(int(n) for n in raw_shape)
+    if tuple(layers.shape[1:]) == raw_shape:
+        return layers
+    index = np.ix_(*(nearest_indices(n, m) for n, m in zip(raw_shape, layers.shape[1:])))
+    out = np.empty((len(layers), *raw_shape), np.uint16)
+    for i, layer in enumerate(layers):
+        out[i] = layer[index]
+    return out
+
+
 def count_proposals(layers: np.ndarray) -> int:
     return int(sum(len(np.unique(layer)) - (1 if (layer == 0).any() else 0) for layer in layers))
