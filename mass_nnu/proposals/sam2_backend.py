@@ -95,8 +95,8 @@ class _Track:
     def __init__(self):
         self.frames: dict[int, tuple[int, int, np.ndarray]] = {}  # frame -> (row0, col0, bool crop)
 
-    def set(self, frame_idx: int, mask2d: np.ndarray) -> None:
-        rows, cols = np.flatnonzero(mask2d.any(1)), np.flatnonzero(mask2d.any(0))
+    def set(self, frame_idx: int, mask2d: np.ndarray, rows_any: np.ndarray, cols_any: np.ndarray) -> None:
+        rows, cols = np.flatnonzero(rows_any), np.flatnonzero(cols_any)
         if len(rows) == 0:
             self.frames.pop(frame_idx, None)
             return
@@ -131,9 +131,11 @@ def propagate(models: Sam2Models, state, seed: int, masks: list[np.ndarray], axi
         predictor.add_new_mask(state, frame_idx=seed, obj_id=obj_id, mask=mask)
     for reverse in (False, True):
         for frame_idx, obj_ids, logits in predictor.propagate_in_video(state, start_frame_idx=seed, reverse=reverse):
-            logits = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits)
-            for obj_id, logit in zip(obj_ids, logits):
-                tracks[int(obj_id)].set(int(frame_idx), logit.reshape(masks[0].shape) > 0)
+            logits = logits.detach().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
+            inside = logits.reshape(len(obj_ids), *masks[0].shape) > 0   # all objects of the frame at once
+            rows, cols = inside.any(2), inside.any(1)
+            for k, obj_id in enumerate(obj_ids):
+                tracks[int(obj_id)].set(int(frame_idx), inside[k], rows[k], cols[k])
     predictor.reset_state(state)
     return [p for p in (t.to_proposal(axis) for t in tracks) if p is not None]
 
