@@ -8,7 +8,8 @@ sides alike): read the image (not timed), run the supervoxel backend on it (what
 including the mapping of its working-grid layers back to the raw grid), and run the plans' nnU-Net preprocessor on
 it (crop, normalise, resample; what `nnUNetv2_preprocess` does per case, without writing). Prints per-case seconds,
 the proposals' working grid, number of proposals, the peak memory of each side (the process's peak RSS during
-that step, VmHWM after resetting it through /proc/self/clear_refs; Linux) and the ratio of the medians.
+that step, VmHWM after resetting it through /proc/self/clear_refs; Linux; it includes the baseline RSS before the
+step, printed as well) and the ratio of the medians. The reset also resets what ``/usr/bin/time`` reports.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def main() -> None:
         spacing = properties["spacing"]
         image = np.asarray(data[0], np.float32)
         grid = working_grid(image.shape, spacing, args.working_spacing or None)[0]
+        base = rss_mib()
         reset_peak()
         t0 = time.perf_counter()
         layers = working_to_raw_grid(propose(image, spacing), image.shape)
@@ -53,15 +55,15 @@ def main() -> None:
         t2 = time.perf_counter()
         inference.preprocess(data.copy(), None, properties, plans)
         t3 = time.perf_counter()
-        rows.append((case, tuple(data.shape[1:]), grid, count, t1 - t0, t3 - t2, peak_prop, peak_mib()))
+        rows.append((case, tuple(data.shape[1:]), grid, count, t1 - t0, t3 - t2, peak_prop, peak_mib(), base))
 
     print(f"dataset {args.d}, plans {args.p} {args.c}, spacing → {list(plans.configuration.spacing)}; "
           f"proposals' working spacing {args.working_spacing or 'raw'} mm")
     print(f"{'case':20s}{'shape':>14s}{'working grid':>14s}{'proposals':>10s}{'prop. (s)':>10s}{'nnU-Net pp (s)':>15s}"
-          f"{'ratio':>7s}{'prop. peak MiB':>15s}{'pp peak MiB':>12s}")
-    for case, shape, grid, n, a, b, ma, mb in rows:
+          f"{'ratio':>7s}{'prop. peak MiB':>15s}{'pp peak MiB':>12s}{'before MiB':>11s}")
+    for case, shape, grid, n, a, b, ma, mb, base in rows:
         print(f"{case:20s}{'×'.join(map(str, shape)):>14s}{'×'.join(map(str, grid)):>14s}{n:10d}{a:10.2f}{b:15.2f}"
-              f"{a / b:7.2f}{ma:15.0f}{mb:12.0f}")
+              f"{a / b:7.2f}{ma:15.0f}{mb:12.0f}{base:11.0f}")
     prop = statistics.median(r[4] for r in rows)
     pp = statistics.median(r[5] for r in rows)
     print(f"{'median':58s}{prop:10.2f}{pp:15.2f}{prop / pp:7.2f}{max(r[6] for r in rows):15.0f}"
@@ -76,6 +78,15 @@ def reset_peak() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def rss_mib() -> float:
+    """The process's current RSS in MiB (the baseline each peak includes: libraries, the image); 0 without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def peak_mib() -> float:

@@ -251,7 +251,7 @@ def test_cropped_masks_pack_into_non_overlapping_layers():
     b[5:10, 6:12, 8:14] = True   # overlaps a
     c[9:12, 0:3, 0:4] = True     # disjoint from a
     layers = pack_proposals([crop_proposal(m) for m in (a, b, c)], shape)
-    assert len(layers) == 2 and all(layer.dtype == np.uint16 and layer.shape == shape for layer in layers)
+    assert layers.shape == (2, *shape) and layers.dtype == np.uint16
     found = [(l, v) for l, layer in enumerate(layers) for v in np.unique(layer)[1:]]
     assert len(found) == 3
     for m in (a, b, c):  # every mask is exactly one (layer, label) pair

@@ -147,11 +147,17 @@ def deduplicate(layers, iou: float) -> list[np.ndarray]:
     return kept
 
 
-def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings) -> np.ndarray:
+def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tuple[slice, ...] | None = None,
+             shape=None) -> np.ndarray:
     """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0). ``layers``
-    may be a generator, so that a backend's layers are made, filtered and de-duplicated one at a time."""
+    may be a generator, so that a backend's layers are made, filtered and de-duplicated one at a time. With ``box``
+    and ``shape`` the layers (made on the crop ``box`` of a volume of ``shape``) are written into that volume; each
+    kept layer is freed as soon as it is copied, so the result is never held twice."""
     voxel_mm3 = float(np.prod(spacing))
     kept = deduplicate((filter_layer(layer, foreground, voxel_mm3, s) for layer in layers), s.dedupe_iou)
-    if not kept:
-        return np.zeros((0, *foreground.shape), np.uint16)
-    return np.stack(kept).astype(np.uint16)
+    out = np.zeros((len(kept), *(foreground.shape if shape is None else shape)), np.uint16)
+    region = box or tuple(slice(None) for _ in foreground.shape)
+    for i in range(len(kept)):
+        out[i][region] = kept[i]
+        kept[i] = None
+    return out

@@ -140,23 +140,37 @@ def propagate(models: Sam2Models, state, seed: int, masks: list[np.ndarray], axi
     return [p for p in (t.to_proposal(axis) for t in tracks) if p is not None]
 
 
-def pack_proposals(proposals: list[Proposal], shape) -> list[np.ndarray]:
-    """Greedy packing of overlapping cropped masks into non-overlapping instance label maps, largest first."""
-    layers: list[np.ndarray] = []
-    counts: list[int] = []
+def _overlaps_any(p: Proposal, layer: list[Proposal], lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether ``p`` shares a voxel with a mask of ``layer`` (boxes ``lo``/``hi``): boxes first, then voxels."""
+    top, bottom = np.maximum(lo, p.lo), np.minimum(hi, p.hi)
+    for j in np.flatnonzero((bottom > top).all(axis=1)):
+        if (p.window(top[j], bottom[j]) & layer[j].window(top[j], bottom[j])).any():
+            return True
+    return False
+
+
+def pack_proposals(proposals: list[Proposal], shape) -> np.ndarray:
+    """Greedy packing of overlapping cropped masks into non-overlapping instance label maps, largest first
+    -> uint16 (L, *shape). Layers are assigned from the crops alone (bounding-box test, then the voxels of the
+    boxes' intersection), so the result is allocated once."""
+    members: list[list[Proposal]] = []
+    boxes: list[tuple[np.ndarray, np.ndarray]] = []
+    placed: list[tuple[int, int, Proposal]] = []
     for p in sorted(proposals, key=lambda q: -q.size):
-        for i, layer in enumerate(layers):
-            window = layer[p.box]
-            if not window[p.source].any():
-                counts[i] += 1
-                window[p.source] = counts[i]
+        for i, layer in enumerate(members):
+            if not _overlaps_any(p, layer, *boxes[i]):
                 break
         else:
-            layer = np.zeros(shape, np.uint16)
-            layer[p.box][p.source] = 1
-            layers.append(layer)
-            counts.append(1)
-    return layers
+            i = len(members)
+            members.append([])
+            boxes.append((np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64)))
+        members[i].append(p)
+        boxes[i] = (np.vstack([boxes[i][0], p.lo]), np.vstack([boxes[i][1], p.hi]))
+        placed.append((i, len(members[i]), p))
+    out = np.zeros((len(members), *shape), np.uint16)
+    for i, label, p in placed:
+        out[i][p.box][p.source] = label
+    return out
 
 
 def sam2_proposals(image: np.ndarray, spacing, models: Sam2Models, settings: Sam2Settings | None = None) -> np.ndarray:
@@ -189,5 +203,4 @@ def sam2_proposals(image: np.ndarray, spacing, models: Sam2Models, settings: Sam
                 if passes(p.size, inside, p.source.size, fg_volume, voxel_mm3, s.filters):
                     dedup.add(p)
         del state
-    layers = pack_proposals(dedup.kept, image.shape)
-    return np.stack(layers) if layers else np.zeros((0, *image.shape), np.uint16)
+    return pack_proposals(dedup.kept, image.shape)

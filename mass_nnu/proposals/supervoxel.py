@@ -134,10 +134,8 @@ def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSetting
         return np.zeros((0, *image.shape), np.uint16)
     box = foreground_box(foreground, CROP_MARGIN)  # everything below runs on the foreground's bounding box
     crop, fg = np.ascontiguousarray(image[box]), np.ascontiguousarray(foreground[box])
-    layers = finalize(_layers(crop, normalise(crop, fg), fg, spacing, s), fg, spacing, s.filters)
-    out = np.zeros((len(layers), *image.shape), np.uint16)
-    out[(slice(None), *box)] = layers
-    return out
+    del image
+    return finalize(_layers(crop, normalise(crop, fg), fg, spacing, s), fg, spacing, s.filters, box, foreground.shape)
 
 
 CROP_MARGIN = 4  # voxels of background kept around the foreground (the 0.7-voxel smoothing reaches 3)

@@ -1,8 +1,11 @@
-"""Memory and time of the SAM 2 backend's own bookkeeping at real size, with stand-in SAM 2 models.
+"""Peak memory and time of a proposal backend on one real-size volume (no dataset or plans needed).
 
-    python benchmarks/sam2_memory.py [--image FILE.nii.gz] [--shape 200 512 512 --spacing 2.5 0.8 0.8]
-        [--sam2-spacing 1.5] [--max-masks 70]
+    python benchmarks/proposals_memory.py --backend sam2 [--image FILE.nii.gz] [--shape 200 512 512
+        --spacing 2.5 0.8 0.8] [--sam2-spacing 1.5] [--max-masks 70]
+    python benchmarks/proposals_memory.py --backend supervoxel --shape 300 512 512 --spacing 1.0 0.8 0.8
+        [--working-spacing 2.0]
 
+``supervoxel`` runs the real backend. For ``sam2``:
 No SAM / SAM 2 weights are reachable here (../shared/README.md), so the models are stand-ins with the real call
 sequence and output sizes: the mask generator returns connected components of each frame at several intensity
 levels (nested, overlapping, multi-granular masks, at most ``--max-masks`` per seed slice, as SAM's generator
@@ -101,16 +104,21 @@ class TrackingVideoPredictor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("sam2", "supervoxel"), default="sam2")
+    parser.add_argument("--working-spacing", type=float, default=2.0, help="supervoxel working grid (mm); 0 = raw")
     parser.add_argument("--image", help="a NIfTI volume (default: synthetic)")
     parser.add_argument("--shape", type=int, nargs=3, default=(200, 512, 512))
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8))
     parser.add_argument("--sam2-spacing", type=float, default=1.5)
     parser.add_argument("--max-masks", type=int, default=70)
+    parser.add_argument("--levels", type=int, default=4, help="stand-in generator: intensity levels per slice "
+                        "(more levels: more nested masks per seed, up to --max-masks)")
     args = parser.parse_args()
 
     from mass_nnu.proposals.resample import working_grid
     from mass_nnu.proposals.sam2_backend import Sam2Models, Sam2Settings, sam2_proposals
     from mass_nnu.proposals.store import count_proposals
+    from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
 
     if args.image:
         import SimpleITK as sitk
@@ -119,7 +127,10 @@ def main() -> None:
         image, spacing = sitk.GetArrayFromImage(itk).astype(np.float32), itk.GetSpacing()[::-1]
     else:
         image, spacing = synthetic_ct(tuple(args.shape), np.asarray(args.spacing)), tuple(args.spacing)
-    settings = Sam2Settings(working_spacing_mm=args.sam2_spacing or None, max_masks_per_slice=args.max_masks)
+    if args.backend == "sam2":
+        settings = Sam2Settings(working_spacing_mm=args.sam2_spacing or None, max_masks_per_slice=args.max_masks)
+    else:
+        settings = SupervoxelSettings(working_spacing_mm=args.working_spacing or None)
     grid = working_grid(image.shape, spacing, settings.working_spacing_mm)[0]
     print(f"image {'×'.join(map(str, image.shape))} at {tuple(round(s, 3) for s in spacing)} mm "
           f"({image.nbytes / 2**20:.0f} MiB float32), working grid {'×'.join(map(str, grid))}")
@@ -127,10 +138,14 @@ def main() -> None:
     reset_peak()
     t0 = time.perf_counter()
     predictor = TrackingVideoPredictor()
-    layers = sam2_proposals(image, spacing, Sam2Models(LevelMaskGenerator(), predictor), settings)
+    if args.backend == "sam2":
+        layers = sam2_proposals(image, spacing, Sam2Models(LevelMaskGenerator(tuple(np.linspace(100, 220, args.levels))), predictor), settings)
+    else:
+        layers = supervoxel_proposals(image, spacing, settings)
     seconds = time.perf_counter() - t0
-    print(f"seconds {seconds:.1f}; peak RSS {peak_mib():.0f} MiB (before the call: {base:.0f} MiB, input included); "
-          f"masks propagated {predictor.added}, kept (filtered, de-duplicated) {count_proposals(layers)} in "
+    print(f"{args.backend}: seconds {seconds:.1f}; peak RSS {peak_mib():.0f} MiB (before the call: {base:.0f} MiB, "
+          f"input included); " + (f"masks propagated {predictor.added}, " if args.backend == "sam2" else "") +
+          f"proposals kept (filtered, de-duplicated) {count_proposals(layers)} in "
           f"{layers.shape[0]} layers ({layers.nbytes / 2**20:.0f} MiB)")
 
 
