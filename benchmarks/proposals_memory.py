@@ -22,9 +22,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+from PIL import Image
 from scipy import ndimage
+
+from mass_nnu.proposals.resample import working_grid
+from mass_nnu.proposals.sam2_backend import Sam2Models, Sam2Settings, sam2_proposals
+from mass_nnu.proposals.store import count_proposals
+from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
 
 
 def synthetic_ct(shape, spacing, seed: int = 0) -> np.ndarray:
@@ -58,7 +66,7 @@ class LevelMaskGenerator:
         grey = rgb[..., 0]
         out = []
         for level in self.levels:
-            labels, n = ndimage.label(grey >= level)
+            labels, _ = ndimage.label(grey >= level)
             sizes = np.bincount(labels.ravel())
             for i in np.flatnonzero(sizes[1:] >= 30) + 1:
                 out.append({"segmentation": labels == i, "predicted_iou": 0.5 + 0.5 * level / 255})
@@ -72,10 +80,6 @@ class TrackingVideoPredictor:
     added = 0  # masks given to the predictor (all seeds)
 
     def init_state(self, video_path):
-        from pathlib import Path
-
-        from PIL import Image
-
         frames = np.stack([np.asarray(Image.open(p))[..., 0] for p in sorted(Path(video_path).glob("*.jpg"))])
         return {"frames": frames, "masks": {}}
 
@@ -115,14 +119,7 @@ def main() -> None:
                         "(more levels: more nested masks per seed, up to --max-masks)")
     args = parser.parse_args()
 
-    from mass_nnu.proposals.resample import working_grid
-    from mass_nnu.proposals.sam2_backend import Sam2Models, Sam2Settings, sam2_proposals
-    from mass_nnu.proposals.store import count_proposals
-    from mass_nnu.proposals.supervoxel import SupervoxelSettings, supervoxel_proposals
-
     if args.image:
-        import SimpleITK as sitk
-
         itk = sitk.ReadImage(args.image)
         image, spacing = sitk.GetArrayFromImage(itk).astype(np.float32), itk.GetSpacing()[::-1]
     else:
@@ -139,7 +136,8 @@ def main() -> None:
     t0 = time.perf_counter()
     predictor = TrackingVideoPredictor()
     if args.backend == "sam2":
-        layers = sam2_proposals(image, spacing, Sam2Models(LevelMaskGenerator(tuple(np.linspace(100, 220, args.levels))), predictor), settings)
+        generator = LevelMaskGenerator(tuple(np.linspace(100, 220, args.levels)))
+        layers = sam2_proposals(image, spacing, Sam2Models(generator, predictor), settings)
     else:
         layers = supervoxel_proposals(image, spacing, settings)
     seconds = time.perf_counter() - t0

@@ -64,7 +64,7 @@ class Proposal:
     """One mask by its bounding box [lo, hi) and size; its voxels are either ``source[box] == label`` for an instance
     map ``source`` (label > 0: nothing copied) or a bool crop ``source`` of the box itself (label = 0)."""
 
-    __slots__ = ("lo", "hi", "size", "source", "label")
+    __slots__ = ("hi", "label", "lo", "size", "source")
 
     def __init__(self, box, size: int, source: np.ndarray, label: int = 0):
         self.lo = np.array([sl.start for sl in box], np.int64)

@@ -15,7 +15,7 @@ def working_grid(shape, spacing, target_mm: float | None) -> tuple[tuple[int, ..
     """(shape, spacing) of the working grid; the raw grid itself when ``target_mm`` is None or ≤ 0."""
     if not target_mm or target_mm <= 0:
         return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
-    sizes = [int(n) if s >= target_mm else max(1, int(round(n * s / target_mm))) for n, s in zip(shape, spacing)]
+    sizes = [int(n) if s >= target_mm else max(1, round(n * s / target_mm)) for n, s in zip(shape, spacing)]
     return tuple(sizes), tuple(float(n * s / m) for n, s, m in zip(shape, spacing, sizes))
 
 

@@ -80,7 +80,8 @@ def to_frames(volume: np.ndarray, axis: int, foreground: np.ndarray) -> np.ndarr
     values = volume[foreground] if foreground.any() else volume.ravel()
     lo, hi = np.percentile(values, [0.5, 99.5])
     scale = np.float32(255 / max(hi - lo, 1e-6))
-    return np.ascontiguousarray(np.moveaxis(np.clip((volume - np.float32(lo)) * scale, 0, 255).astype(np.uint8), axis, 0))
+    grey = np.clip((volume - np.float32(lo)) * scale, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(grey, axis, 0))
 
 
 def rgb(frame: np.ndarray) -> np.ndarray:

@@ -111,7 +111,9 @@ def _layers(image, image01, foreground, spacing, s: SupervoxelSettings):
     yield from slic_layers(image01, foreground, spacing, s)
     image01 = normalise(bias_corrected(image, foreground, spacing, s.bias_sigma_mm), foreground)
     halves = principal_halves(foreground, spacing) if s.half_splits else []
-    core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm if s.core_depth_mm > 0 else None
+    core = None
+    if s.core_depth_mm > 0:
+        core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm
     for k in s.intensity_classes:
         classes = intensity_classes(image01, foreground, k, s.seed)
         yield components(classes)
