@@ -256,3 +256,20 @@ def test_cropped_masks_pack_into_non_overlapping_layers():
     assert len(found) == 3
     for m in (a, b, c):  # every mask is exactly one (layer, label) pair
         assert sum(np.array_equal(layers[l] == v, m) for l, v in found) == 1
+
+
+def test_components_split_classes_and_never_wrap_uint16():
+    from mass_nnu.proposals.supervoxel import components
+
+    classes = np.zeros((3, 6, 8), np.uint16)
+    classes[:, :, :4], classes[:, :, 4:] = 1, 2      # two touching classes: two components
+    classes[1, 2, 6] = 1                              # an island of class 1 inside class 2
+    out = components(classes)
+    assert len(np.unique(out[out > 0])) == 3 and out[1, 2, 6] != out[0, 0, 0] != out[0, 0, 7]
+    many = np.zeros((5, 256, 512), np.uint16)
+    many[::2, ::2, ::2] = 1                           # 3 × 128 × 256 isolated voxels: more than 65535 labels
+    many[4, 100:104, 0:8] = 2                         # plus one larger component (4 × 8 voxels)
+    out = components(many)
+    assert out.dtype == np.uint16 and len(np.unique(out)) - 1 == 65535
+    block = out[4, 100:104, 0:8]
+    assert (block > 0).all() and len(np.unique(block)) == 1 and np.count_nonzero(out == block[0, 0]) == 32
