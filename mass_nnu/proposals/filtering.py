@@ -47,7 +47,8 @@ def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s:
     keep = []
     for i in np.flatnonzero(sizes[1:]) + 1:
         size, box = int(sizes[i]), boxes[i - 1]
-        if passes(size, int(inside[i]), int(np.prod([sl.stop - sl.start for sl in box])), fg_volume, voxel_mm3, s):
+        box_volume = (box[0].stop - box[0].start) * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
+        if passes(size, int(inside[i]), box_volume, fg_volume, voxel_mm3, s):
             keep.append(i)
     lut = np.zeros(n, np.uint16)
     lut[np.asarray(keep, int)] = np.arange(1, len(keep) + 1)
