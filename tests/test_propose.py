@@ -15,7 +15,8 @@ def phantom(nnunet_env):
 
 
 def test_supervoxel_proposals_find_the_organs(phantom, run_cli):
-    result = run_cli("propose", "-d", "720", "--eval-labels", phantom / "labelsTr")
+    # the raw grid: the 1.5 mm phantom is only 28 × 36 × 36 voxels (a 2 mm working grid is tested below)
+    result = run_cli("propose", "-d", "720", "--working-spacing", "0", "--eval-labels", phantom / "labelsTr")
     assert result.exit_code == 0, result.output
     assert "4 cases written" in result.stdout
     summary = json.loads((phantom / "proposalsTr" / "summary.json").read_text())
@@ -179,7 +180,105 @@ def test_sam2_pipeline_with_stand_in_predictor(phantom):
     settings = Sam2Settings(min_seeds=3, seed_every_mm=100)
     layers = sam2_proposals(image, (1.5, 1.5, 1.5), Sam2Models(ThresholdMaskGenerator(), video), settings)
     assert layers.ndim == 4 and layers.shape[1:] == image.shape and layers.max() > 0
-    assert video.calls.count("forward") == video.calls.count("reverse") == video.calls.count("init") == video.calls.count("reset") >= 1
+    # frames are loaded once per volume; each seed is propagated both ways, then the state is reset
+    assert video.calls.count("init") == 1
+    assert video.calls.count("forward") == video.calls.count("reverse") == video.calls.count("reset") >= 1
     # masks are 3D: propagated beyond their seed slice
     assert max(int((layer > 0).any(axis=(1, 2)).sum()) for layer in layers) > 5
     assert seed_slices(np.ones((40, 4, 4), bool), 0, 1.0, 30.0, 10) == [int(round(v)) for v in np.linspace(0, 39, 10)]
+
+
+def test_working_grid_and_mapping_back():
+    from mass_nnu.proposals.resample import to_working_grid, working_grid
+    from mass_nnu.grids import resample_nearest
+
+    # only downsampled (z at 2.5 mm stays), same field of view (n * spacing kept)
+    shape, spacing = working_grid((10, 30, 31), (2.5, 0.8, 0.8), 2.0)
+    assert shape == (10, 12, 12) and np.allclose(np.multiply(shape, spacing), (25, 24, 24.8))
+    assert working_grid((10, 30, 31), (2.5, 0.8, 0.8), None) == ((10, 30, 31), (2.5, 0.8, 0.8))
+    # a linear ramp stays the ramp at the working voxel centres (no half-voxel shift)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[None, None], (2, 3, 40))
+    small, sp = to_working_grid(ramp, (4, 4, 1), 4.0)
+    assert small.shape == (2, 3, 10) and sp == (4.0, 4.0, 4.0)
+    assert np.allclose(small[0, 0, 1:-1], np.arange(1, 9) * 4 + 1.5, atol=1e-3)  # inside (edges: nearest padding)
+    # back to the raw grid: raw voxel i takes the working voxel whose centre is nearest
+    layers = np.arange(10, dtype=np.uint16)[None, None, None].repeat(2, 1).repeat(3, 2)
+    raw = resample_nearest(layers, (2, 3, 40))
+    assert raw.shape == (1, 2, 3, 40) and raw.dtype == np.uint16
+    assert raw[0, 0, 0].tolist() == [i // 4 for i in range(40)]
+
+
+def test_working_spacing_option_writes_raw_grid_layers(phantom, run_cli):
+    from mass_nnu.proposals.store import read_proposals
+
+    result = run_cli("propose", "-d", "720", "--shard", "0/4", "--working-spacing", "3")
+    assert result.exit_code == 0, result.output
+    path = next((phantom / "proposalsTr").glob("*.npz"))
+    layers, geometry = read_proposals(path)
+    assert list(layers.shape[1:]) == geometry["shape"] and len(layers) > 0
+    assert json.loads(str(np.load(path)["params_json"]))["working_spacing_mm"] == 3.0
+    # made on the 3 mm grid (factor 2 of 1.5 mm): constant on 2×2×2 blocks of the raw grid
+    assert np.array_equal(layers[:, ::2, ::2, ::2], layers[:, 1::2, 1::2, 1::2])
+
+
+def _brute_force_dedupe(masks, iou):
+    kept = []
+    for i, m in enumerate(masks):
+        if all((m & masks[j]).sum() / (m | masks[j]).sum() < iou for j in kept):
+            kept.append(i)
+    return kept
+
+
+def test_bounding_box_dedupe_keeps_exactly_the_non_duplicates():
+    from mass_nnu.proposals.filtering import Deduplicator, crop_proposal
+
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(30):
+        m = np.zeros((20, 24, 24), bool)
+        lo = rng.integers(0, 12, 3)
+        m[tuple(slice(a, a + b) for a, b in zip(lo, rng.integers(3, 9, 3)))] = True
+        masks.append(m)
+        if rng.random() < 0.5:  # a near-duplicate: one voxel more or fewer, or a 1-voxel shift
+            d = m.copy()
+            d[tuple(np.argwhere(m)[0])] = False
+            masks.append(d if rng.random() < 0.5 else np.roll(m, 1, axis=int(rng.integers(3))))
+    dedup = Deduplicator(0.95)
+    kept = [i for i, m in enumerate(masks) if dedup.add(crop_proposal(m))]
+    assert kept == _brute_force_dedupe(masks, 0.95) and len(kept) < len(masks)
+    n = len(masks)
+    assert dedup.compared < n * (n - 1) / 10  # the box pre-filter skipped most pairs
+
+
+def test_cropped_masks_pack_into_non_overlapping_layers():
+    from mass_nnu.proposals.filtering import crop_proposal
+    from mass_nnu.proposals.sam2_backend import pack_proposals
+
+    shape = (12, 14, 16)
+    a, b, c = (np.zeros(shape, bool) for _ in range(3))
+    a[2:8, 2:9, 3:10] = True
+    b[5:10, 6:12, 8:14] = True   # overlaps a
+    c[9:12, 0:3, 0:4] = True     # disjoint from a
+    layers = pack_proposals([crop_proposal(m) for m in (a, b, c)], shape)
+    assert layers.shape == (2, *shape) and layers.dtype == np.uint16
+    found = [(l, v) for l, layer in enumerate(layers) for v in np.unique(layer)[1:]]
+    assert len(found) == 3
+    for m in (a, b, c):  # every mask is exactly one (layer, label) pair
+        assert sum(np.array_equal(layers[l] == v, m) for l, v in found) == 1
+
+
+def test_components_split_classes_and_never_wrap_uint16():
+    from mass_nnu.proposals.supervoxel import components
+
+    classes = np.zeros((3, 6, 8), np.uint16)
+    classes[:, :, :4], classes[:, :, 4:] = 1, 2      # two touching classes: two components
+    classes[1, 2, 6] = 1                              # an island of class 1 inside class 2
+    out = components(classes)
+    assert len(np.unique(out[out > 0])) == 3 and out[1, 2, 6] != out[0, 0, 0] != out[0, 0, 7]
+    many = np.zeros((5, 256, 512), np.uint16)
+    many[::2, ::2, ::2] = 1                           # 3 × 128 × 256 isolated voxels: more than 65535 labels
+    many[4, 100:104, 0:8] = 2                         # plus one larger component (4 × 8 voxels)
+    out = components(many)
+    assert out.dtype == np.uint16 and len(np.unique(out)) - 1 == 65535
+    block = out[4, 100:104, 0:8]
+    assert (block > 0).all() and len(np.unique(block)) == 1 and np.count_nonzero(out == block[0, 0]) == 32

@@ -18,12 +18,17 @@ def propose(
     sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local SAM 2 checkpoint (.pt)."),
     sam2_config: Optional[str] = typer.Option(None, "--sam2-config", help="SAM 2 config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml"),
     device: str = typer.Option("cpu", "-device", help="cpu or cuda (sam2 backend)."),
+    working_spacing: float = typer.Option(2.0, "--working-spacing", min=0,
+                                          help="Supervoxel backend: run on a grid of this spacing in mm (only "
+                                               "downsampled, never upsampled); 0 = the raw grid."),
+    sam2_spacing: float = typer.Option(1.5, "--sam2-spacing", min=0,
+                                       help="SAM 2 backend: working grid in mm (the paper's 1.5); 0 = the raw grid."),
 ) -> None:
     """Write proposals to $nnUNet_raw/<Dataset>/proposalsTr/<case>.b2nd + .json (reruns skip finished cases)."""
     from mass_nnu.proposals.run import evaluate_recall, propose_dataset
 
     summary = propose_dataset(dataset, backend, shard, seed, sam2_checkpoint, sam2_config, device, num_processes,
-                              out_id)
+                              out_id, working_spacing or None, sam2_spacing or None)
     typer.echo(f"proposals ({summary['dataset']}): {summary['cases_done']} cases written, "
                f"{summary['cases_skipped']} already done, "
                f"{summary['proposals_per_case']:.0f} proposals/case, {summary['seconds_per_case']:.1f} s/case"

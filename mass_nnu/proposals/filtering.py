@@ -35,58 +35,130 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
 
 
 def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s: FilterSettings) -> np.ndarray:
-    """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n."""
-    ids = np.unique(layer)
-    ids = ids[ids != 0]
-    if len(ids) == 0:
+    """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n.
+    Counts come from ``np.bincount`` of the uint16 map (no float volumes)."""
+    n = int(layer.max()) + 1
+    if n == 1:
         return np.zeros(layer.shape, np.uint16)
-    fg_volume = max(int(foreground.sum()), 1)
-    sizes = ndimage.sum_labels(np.ones(layer.shape), layer, ids)
-    inside = ndimage.sum_labels(foreground, layer, ids)
-    boxes = ndimage.find_objects(layer.astype(np.int64))
+    fg_volume = max(int(np.count_nonzero(foreground)), 1)
+    sizes = np.bincount(layer.ravel(), minlength=n)
+    inside = np.bincount(layer[foreground], minlength=n)
+    boxes = ndimage.find_objects(layer)
     keep = []
-    for i, size, ins in zip(ids, sizes, inside):
-        box = boxes[int(i) - 1]
-        fill = size / np.prod([sl.stop - sl.start for sl in box])
-        if (size * voxel_mm3 >= s.min_volume_mm3 and s.min_fraction <= size / fg_volume <= s.max_fraction
-                and fill >= s.min_fill and ins / size >= s.min_inside):
+    for i in np.flatnonzero(sizes[1:]) + 1:
+        size, box = int(sizes[i]), boxes[i - 1]
+        box_volume = (box[0].stop - box[0].start) * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
+        if passes(size, int(inside[i]), box_volume, fg_volume, voxel_mm3, s):
             keep.append(i)
-    lut = np.zeros(int(layer.max()) + 1, np.uint16)
+    lut = np.zeros(n, np.uint16)
     lut[np.asarray(keep, int)] = np.arange(1, len(keep) + 1)
     return lut[layer]
 
 
-def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every overlapping (label in a, label in b) pair, from one joint histogram."""
-    both = (a > 0) & (b > 0)
-    na, nb = int(a.max()) + 1, int(b.max()) + 1
-    joint = np.bincount(a[both].astype(np.int64) * nb + b[both], minlength=na * nb).reshape(na, nb)
-    size_a, size_b = np.bincount(a.ravel(), minlength=na), np.bincount(b.ravel(), minlength=nb)
-    ia, ib = np.nonzero(joint)
-    inter = joint[ia, ib]
-    return ia, ib, inter / (size_a[ia] + size_b[ib] - inter)
+def passes(size: int, inside: int, box_volume: int, fg_volume: int, voxel_mm3: float, s: FilterSettings) -> bool:
+    """The size / fraction-of-foreground / compactness (fill of the box) / inside-the-foreground rules for one mask."""
+    return (size > 0 and size * voxel_mm3 >= s.min_volume_mm3 and s.min_fraction <= size / fg_volume <= s.max_fraction
+            and size / box_volume >= s.min_fill and inside / size >= s.min_inside)
 
 
-def deduplicate(layers: list[np.ndarray], iou: float) -> list[np.ndarray]:
-    """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap)."""
+class Proposal:
+    """One mask by its bounding box [lo, hi) and size; its voxels are either ``source[box] == label`` for an instance
+    map ``source`` (label > 0: nothing copied) or a bool crop ``source`` of the box itself (label = 0)."""
+
+    __slots__ = ("hi", "label", "lo", "size", "source")
+
+    def __init__(self, box, size: int, source: np.ndarray, label: int = 0):
+        self.lo = np.array([sl.start for sl in box], np.int64)
+        self.hi = np.array([sl.stop for sl in box], np.int64)
+        self.size, self.source, self.label = int(size), source, int(label)
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        return tuple(slice(int(a), int(b)) for a, b in zip(self.lo, self.hi))
+
+    def window(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The mask over the sub-box [lo, hi) of its own box."""
+        if self.label:
+            return self.source[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] == self.label
+        return self.source[tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, self.lo))]
+
+
+def crop_proposal(mask: np.ndarray) -> Proposal | None:
+    """A bool volume as a Proposal holding only its bounding-box crop (None when empty)."""
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return None
+    crop = np.ascontiguousarray(mask[boxes[0]])
+    return Proposal(boxes[0], int(np.count_nonzero(crop)), crop)
+
+
+class Deduplicator:
+    """Incremental IoU de-duplication: a proposal is dropped when an earlier kept one has IoU ≥ ``iou``. Only pairs
+    whose sizes and bounding boxes allow that IoU are compared voxel-wise (IoU ≤ min(|A|, |B|, |box A ∩ box B|) /
+    max(|A|, |B|)), and only inside the intersection of their boxes."""
+
+    def __init__(self, iou: float):
+        self.iou = float(iou)
+        self.kept: list[Proposal] = []
+        self._lo = np.zeros((64, 3), np.int64)
+        self._hi = np.zeros((64, 3), np.int64)
+        self._size = np.zeros(64, np.int64)
+        self.compared = 0  # voxel-wise comparisons made (for tests and benchmarks)
+
+    def add(self, p: Proposal) -> bool:
+        n = len(self.kept)
+        if n and self.iou <= 1:
+            size = self._size[:n]
+            lo, hi = np.maximum(self._lo[:n], p.lo), np.minimum(self._hi[:n], p.hi)
+            inter_box = np.prod(np.clip(hi - lo, 0, None), axis=1)
+            bound = np.minimum(np.minimum(size, p.size), inter_box) / np.maximum(size, p.size)
+            for j in np.flatnonzero(bound >= self.iou):
+                self.compared += 1
+                inter = int(np.count_nonzero(self.kept[j].window(lo[j], hi[j]) & p.window(lo[j], hi[j])))
+                if inter / (size[j] + p.size - inter) >= self.iou:
+                    return False
+        if n == len(self._size):
+            self._lo, self._hi = np.resize(self._lo, (2 * n, 3)), np.resize(self._hi, (2 * n, 3))
+            self._size = np.resize(self._size, 2 * n)
+        self._lo[n], self._hi[n], self._size[n] = p.lo, p.hi, p.size
+        self.kept.append(p)
+        return True
+
+
+def deduplicate(layers, iou: float) -> list[np.ndarray]:
+    """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap);
+    relabel each layer 1..n and drop empty layers. ``layers`` may be a generator (only kept layers stay in memory).
+    Bounding-box pre-filter, no full-volume pairwise passes."""
+    dedup = Deduplicator(iou)
     kept: list[np.ndarray] = []
     for layer in layers:
-        drop: set[int] = set()
-        for earlier in kept:
-            _, ib, ious = _pairwise_iou(earlier, layer)
-            drop.update(int(i) for i in ib[ious >= iou])
-        if drop:
-            layer = np.where(np.isin(layer, list(drop)), 0, layer).astype(np.uint16)
-        if layer.any():
-            kept.append(layer)
+        n = int(layer.max()) + 1
+        sizes = np.bincount(layer.ravel(), minlength=n)
+        lut = np.zeros(n, np.uint16)
+        added = []
+        for label, box in enumerate(ndimage.find_objects(layer), start=1):
+            if box is not None and dedup.add(p := Proposal(box, sizes[label], layer, label)):
+                lut[label] = len(added) + 1
+                added.append(p)
+        if added:
+            relabelled = lut[layer]
+            for p in added:  # kept proposals point at the relabelled map, so the input layer can be freed
+                p.source, p.label = relabelled, int(lut[p.label])
+            kept.append(relabelled)
     return kept
 
 
-def finalize(layers: list[np.ndarray], foreground: np.ndarray, spacing, s: FilterSettings) -> np.ndarray:
-    """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0)."""
+def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tuple[slice, ...] | None = None,
+             shape=None) -> np.ndarray:
+    """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0). ``layers``
+    may be a generator, so that a backend's layers are made, filtered and de-duplicated one at a time. With ``box``
+    and ``shape`` the layers (made on the crop ``box`` of a volume of ``shape``) are written into that volume; each
+    kept layer is freed as soon as it is copied, so the result is never held twice."""
     voxel_mm3 = float(np.prod(spacing))
-    filtered = [filter_layer(layer, foreground, voxel_mm3, s) for layer in layers]
-    kept = deduplicate([layer for layer in filtered if layer.any()], s.dedupe_iou)
-    if not kept:
-        return np.zeros((0, *foreground.shape), np.uint16)
-    return np.stack(kept).astype(np.uint16)
+    kept = deduplicate((filter_layer(layer, foreground, voxel_mm3, s) for layer in layers), s.dedupe_iou)
+    out = np.zeros((len(kept), *(foreground.shape if shape is None else shape)), np.uint16)
+    region = box or tuple(slice(None) for _ in foreground.shape)
+    for i in range(len(kept)):
+        out[i][region] = kept[i]
+        kept[i] = None
+    return out

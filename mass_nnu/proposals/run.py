@@ -88,13 +88,19 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
-def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str):
-    """A function (image array, spacing) -> layers."""
+def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str,
+                 working_spacing_mm: float | None = 2.0, sam2_spacing_mm: float | None = 1.5):
+    """A function (image array (Z, Y, X), spacing (z, y, x) mm) -> uint16 layers (L, *S_w) on the backend's working
+    grid (same field of view as the image; ``store.write_proposals`` maps them to the raw grid). ``working_spacing_mm`` is the
+    supervoxel backend's grid, ``sam2_spacing_mm`` the SAM 2 backend's (None / 0: the raw grid)."""
+    for name, value in (("--working-spacing", working_spacing_mm), ("--sam2-spacing", sam2_spacing_mm)):
+        if value is not None and value < 0:
+            raise MassError(f"{name} {value}: expected a spacing in mm > 0 (or 0 for the raw grid)")
     if backend == "supervoxel":
-        settings = SupervoxelSettings(seed=seed)
+        settings = SupervoxelSettings(seed=seed, working_spacing_mm=working_spacing_mm or None)
         return partial(supervoxel_proposals, settings=settings), settings.as_dict()
     if backend == "sam2":
-        settings = Sam2Settings()
+        settings = Sam2Settings(working_spacing_mm=sam2_spacing_mm or None)
         models = load_sam2(sam2_checkpoint, sam2_config, device)
         return partial(sam2_proposals, models=models, settings=settings), settings.as_dict()
     raise MassError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
@@ -102,7 +108,8 @@ def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_conf
 
 def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = None, seed: int = 0,
                     sam2_checkpoint: str | None = None, sam2_config: str | None = None, device: str = "cpu",
-                    num_processes: int = 1, out_id=None) -> dict:
+                    num_processes: int = 1, out_id=None, working_spacing_mm: float | None = 2.0,
+                    sam2_spacing_mm: float | None = 1.5) -> dict:
     """Write proposals for every (sharded) case that has none yet, into ``out_id``'s raw folder if given (see
     ``output_dataset``). Returns a summary dict."""
     dataset = Dataset.resolve(dataset)
@@ -115,7 +122,8 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
         case = clash[0]
         raise MassError(f"{cases[case][0]}: the case id '{case}' is reserved (proposalsTr/{case}.json is the "
                         f"run summary); rename the case")
-    run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device)
+    run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device, working_spacing_mm,
+                                   sam2_spacing_mm)
     out = output_dataset(dataset, out_id)
     pending = [(case, cases[case][0], proposal_path(out, case)) for case in todo
                if find_proposals(proposal_dir(out), case) is None]  # done: complete .b2nd + .json, or an old .npz
@@ -156,7 +164,8 @@ def _propose_case(job) -> tuple[int, float]:
     start = time.time()
     layers = run_one(array, image.GetSpacing()[::-1])
     elapsed = time.time() - start
-    table = write_proposals(out_path, layers, image_geometry(image), backend, params)
+    del array
+    table = write_proposals(out_path, layers, image_geometry(image), backend, params)  # mapped to the raw grid
     return len(table), elapsed
 
 

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from mass_nnu.errors import MassError
-from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
+from mass_nnu.proposals.filtering import Deduplicator, FilterSettings, Proposal, foreground_mask, passes
+from mass_nnu.proposals.resample import to_working_grid
 
 INSTALL_HINT = "pip install 'mass-nnu[sam2]'  (or: pip install sam2==1.1.0)"
 
@@ -26,6 +27,7 @@ class Sam2Settings:
     pred_iou_thresh: float = 0.4
     stability_score_thresh: float = 0.7
     max_masks_per_slice: int = 70
+    working_spacing_mm: float | None = 1.5   # the paper's 1.5 mm grid (never upsampled); None / 0: raw grid
     filters: FilterSettings = field(default_factory=FilterSettings)
 
     def as_dict(self) -> dict:
@@ -73,63 +75,133 @@ def seed_slices(foreground: np.ndarray, axis: int, spacing_mm: float, every_mm: 
     return sorted({int(round(v)) for v in np.linspace(lo, hi, min(n, hi - lo + 1))})
 
 
-def to_rgb_frames(volume: np.ndarray, axis: int, foreground: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 frames windowed to the foreground's 0.5–99.5 percentiles."""
+def to_frames(volume: np.ndarray, axis: int, foreground: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 grey frames windowed to the foreground's 0.5–99.5 percentiles (RGB only per frame, on use)."""
     values = volume[foreground] if foreground.any() else volume.ravel()
     lo, hi = np.percentile(values, [0.5, 99.5])
-    frames = np.moveaxis(np.clip((volume - lo) / max(hi - lo, 1e-6), 0, 1) * 255, axis, 0).astype(np.uint8)
-    return np.repeat(frames[..., None], 3, axis=-1)
+    scale = np.float32(255 / max(hi - lo, 1e-6))
+    grey = np.clip((volume - np.float32(lo)) * scale, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(grey, axis, 0))
 
 
-def pack_layers(masks: list[np.ndarray]) -> list[np.ndarray]:
-    """Greedy packing of overlapping binary masks into instance label maps, largest first."""
-    layers: list[np.ndarray] = []
-    for mask in sorted(masks, key=lambda m: -int(m.sum())):
-        for layer in layers:
-            if not (layer[mask] > 0).any():
-                layer[mask] = layer.max() + 1
-                break
-        else:
-            layer = np.zeros(mask.shape, np.uint16)
-            layer[mask] = 1
-            layers.append(layer)
-    return layers
+def rgb(frame: np.ndarray) -> np.ndarray:
+    return np.repeat(frame[..., None], 3, axis=-1)
 
 
-def propagate(models: Sam2Models, frame_dir: str, seed: int, masks: list[np.ndarray], num_frames: int) -> list[np.ndarray]:
-    """Propagate the seed frame's masks forward and backward; one (N, H, W) bool volume per mask."""
+class _Track:
+    """One propagated object as 2D crops per frame: nothing of the size of the volume is allocated."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self):
+        self.frames: dict[int, tuple[int, int, np.ndarray]] = {}  # frame -> (row0, col0, bool crop)
+
+    def set(self, frame_idx: int, mask2d: np.ndarray, rows_any: np.ndarray, cols_any: np.ndarray) -> None:
+        rows, cols = np.flatnonzero(rows_any), np.flatnonzero(cols_any)
+        if len(rows) == 0:
+            self.frames.pop(frame_idx, None)
+            return
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        self.frames[frame_idx] = (int(r0), int(c0), mask2d[r0:r1, c0:c1].copy())
+
+    def to_proposal(self, axis: int) -> Proposal | None:
+        """The 3D bounding-box crop in (Z, Y, X) order (frames run along ``axis``)."""
+        if not self.frames:
+            return None
+        f0, f1 = min(self.frames), max(self.frames) + 1
+        r0 = min(r for r, _, _ in self.frames.values())
+        c0 = min(c for _, c, _ in self.frames.values())
+        r1 = max(r + m.shape[0] for r, _, m in self.frames.values())
+        c1 = max(c + m.shape[1] for _, c, m in self.frames.values())
+        crop = np.zeros((f1 - f0, r1 - r0, c1 - c0), bool)
+        for f, (r, c, m) in self.frames.items():
+            crop[f - f0, r - r0:r - r0 + m.shape[0], c - c0:c - c0 + m.shape[1]] = m
+        box = [slice(f0, f1), slice(r0, r1), slice(c0, c1)]
+        order = [1, 2]
+        order.insert(axis, 0)  # frame axis back to its place in the volume
+        crop = np.ascontiguousarray(np.moveaxis(crop, 0, axis))
+        return Proposal(tuple(box[i] for i in order), int(np.count_nonzero(crop)), crop)
+
+
+def propagate(models: Sam2Models, state, seed: int, masks: list[np.ndarray], axis: int) -> list[Proposal]:
+    """Propagate the seed frame's masks forward and backward through an initialised video state; one cropped
+    Proposal per non-empty object (the state is reset for the next seed)."""
     predictor = models.video_predictor
-    state = predictor.init_state(video_path=frame_dir)
-    volumes = [np.zeros((num_frames, *m.shape), bool) for m in masks]
+    tracks = [_Track() for _ in masks]
     for obj_id, mask in enumerate(masks):
         predictor.add_new_mask(state, frame_idx=seed, obj_id=obj_id, mask=mask)
     for reverse in (False, True):
         for frame_idx, obj_ids, logits in predictor.propagate_in_video(state, start_frame_idx=seed, reverse=reverse):
-            logits = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits)
-            for obj_id, logit in zip(obj_ids, logits):
-                volumes[int(obj_id)][frame_idx] = logit.reshape(volumes[0].shape[1:]) > 0
+            logits = logits.detach().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
+            inside = logits.reshape(len(obj_ids), *masks[0].shape) > 0   # all objects of the frame at once
+            rows, cols = inside.any(2), inside.any(1)
+            for k, obj_id in enumerate(obj_ids):
+                tracks[int(obj_id)].set(int(frame_idx), inside[k], rows[k], cols[k])
     predictor.reset_state(state)
-    return volumes
+    return [p for p in (t.to_proposal(axis) for t in tracks) if p is not None]
+
+
+def _overlaps_any(p: Proposal, layer: list[Proposal], lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether ``p`` shares a voxel with a mask of ``layer`` (boxes ``lo``/``hi``): boxes first, then voxels."""
+    top, bottom = np.maximum(lo, p.lo), np.minimum(hi, p.hi)
+    for j in np.flatnonzero((bottom > top).all(axis=1)):
+        if (p.window(top[j], bottom[j]) & layer[j].window(top[j], bottom[j])).any():
+            return True
+    return False
+
+
+def pack_proposals(proposals: list[Proposal], shape) -> np.ndarray:
+    """Greedy packing of overlapping cropped masks into non-overlapping instance label maps, largest first
+    -> uint16 (L, *shape). Layers are assigned from the crops alone (bounding-box test, then the voxels of the
+    boxes' intersection), so the result is allocated once."""
+    members: list[list[Proposal]] = []
+    boxes: list[tuple[np.ndarray, np.ndarray]] = []
+    placed: list[tuple[int, int, Proposal]] = []
+    for p in sorted(proposals, key=lambda q: -q.size):
+        for i, layer in enumerate(members):
+            if not _overlaps_any(p, layer, *boxes[i]):
+                break
+        else:
+            i = len(members)
+            members.append([])
+            boxes.append((np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64)))
+        members[i].append(p)
+        boxes[i] = (np.vstack([boxes[i][0], p.lo]), np.vstack([boxes[i][1], p.hi]))
+        placed.append((i, len(members[i]), p))
+    out = np.zeros((len(members), *shape), np.uint16)
+    for i, label, p in placed:
+        out[i][p.box][p.source] = label
+    return out
 
 
 def sam2_proposals(image: np.ndarray, spacing, models: Sam2Models, settings: Sam2Settings | None = None) -> np.ndarray:
-    """Proposals for one (Z, Y, X) image -> uint16 (L, Z, Y, X)."""
+    """Proposals for one (Z, Y, X) image -> uint16 (L, *S_w) on the working grid (``settings.working_spacing_mm``).
+
+    Memory stays bounded: masks are kept as bounding-box crops, filtered (size, compactness, background) as soon as
+    they are propagated, and de-duplicated incrementally against the kept ones (IoU ≥ ``filters.dedupe_iou``,
+    bounding-box pre-filter), so duplicates from neighbouring seeds never accumulate."""
     s = settings or Sam2Settings()
-    image = np.nan_to_num(image.astype(np.float32))
+    axis = slicing_axis(spacing)  # from the raw grid: the acquisition's finest in-plane resolution
+    image, spacing = to_working_grid(np.nan_to_num(np.asarray(image, np.float32)), spacing, s.working_spacing_mm)
     foreground = foreground_mask(image)
     if foreground.sum() < 10:
         return np.zeros((0, *image.shape), np.uint16)
-    axis = slicing_axis(spacing)
-    frames = to_rgb_frames(image, axis, foreground)
-    masks_3d: list[np.ndarray] = []
+    frames = to_frames(image, axis, foreground)
+    voxel_mm3, fg_volume = float(np.prod(spacing)), int(np.count_nonzero(foreground))
+    dedup = Deduplicator(s.filters.dedupe_iou)
     with tempfile.TemporaryDirectory(prefix="mass_sam2_") as frame_dir:
         for i, frame in enumerate(frames):  # the video predictor reads a folder of JPEG frames
-            Image.fromarray(frame).save(Path(frame_dir) / f"{i:05d}.jpg", quality=95)
+            Image.fromarray(rgb(frame)).save(Path(frame_dir) / f"{i:05d}.jpg", quality=95)
+        state = models.video_predictor.init_state(video_path=frame_dir)  # frames loaded once, reset per seed
         for seed in seed_slices(foreground, axis, float(spacing[axis]), s.seed_every_mm, s.min_seeds):
-            found = models.mask_generator.generate(frames[seed])
+            found = models.mask_generator.generate(rgb(frames[seed]))
             found = sorted(found, key=lambda m: -float(m.get("predicted_iou", 0)))[: s.max_masks_per_slice]
             masks = [np.asarray(m["segmentation"], bool) for m in found if np.asarray(m["segmentation"]).any()]
-            if masks:
-                masks_3d += [np.moveaxis(v, 0, axis) for v in propagate(models, frame_dir, seed, masks, len(frames))]
-    return finalize(pack_layers(masks_3d), foreground, spacing, s.filters) if masks_3d else \
-        np.zeros((0, *image.shape), np.uint16)
+            if not masks:
+                continue
+            for p in propagate(models, state, seed, masks, axis):
+                inside = int(np.count_nonzero(foreground[p.box][p.source]))
+                if passes(p.size, inside, p.source.size, fg_volume, voxel_mm3, s.filters):
+                    dedup.add(p)
+        del state
+    return pack_proposals(dedup.kept, image.shape)

@@ -113,6 +113,11 @@ def chunk_shapes(shape, patch=DEFAULT_PATCH, itemsize: int = 2, max_block_bytes:
     return (1, *block), (1, *chunk)
 
 
+def count_proposals(layers: np.ndarray) -> int:
+    """How many (layer, label) proposals a stack of instance layers holds."""
+    return sum(len(layer_table(layer, i)) for i, layer in enumerate(layers))
+
+
 def layer_table(layer: np.ndarray, index: int) -> np.ndarray:
     """Rows (layer, label, voxels, bbox low (3), bbox high (3)) of the labels in one layer. Voxels are counted
     slab by slab, so no full-size int64 copy of the layer is made."""

@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 from scipy.ndimage import gaussian_filter
+from skimage.measure import label
 from skimage.segmentation import slic
 from sklearn.cluster import KMeans
 
 from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
+from mass_nnu.proposals.resample import to_working_grid
 
 
 @dataclass
@@ -23,6 +25,7 @@ class SupervoxelSettings:
     half_splits: bool = True                         # class thresholds × halves along each principal axis
     core_depth_mm: float = 10.0                      # classes inside the foreground's core (0: off)
     seed: int = 0
+    working_spacing_mm: float | None = 2.0           # run on this coarser grid (never upsampled); None / 0: raw grid
     filters: FilterSettings = field(default_factory=FilterSettings)
 
     def as_dict(self) -> dict:
@@ -60,59 +63,93 @@ def intensity_classes(image01, foreground, k: int, seed: int) -> np.ndarray:
     values = smooth[foreground].reshape(-1, 1)
     sample = values[np.random.default_rng(seed).choice(len(values), min(len(values), 20000), replace=False)]
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
-    order = np.argsort(km.cluster_centers_.ravel())
-    rank = np.empty(k, int)
-    rank[order] = np.arange(k)
+    centres = np.sort(km.cluster_centers_.ravel())
+    # nearest centre in 1-D = the interval between midpoints (k-means' predict without its (N, k) distances)
     classes = np.zeros(image01.shape, np.uint16)
-    classes[foreground] = rank[km.predict(values)] + 1
+    classes[foreground] = np.searchsorted((centres[:-1] + centres[1:]) / 2, values.ravel()) + 1
     return classes
 
 
 def components(classes: np.ndarray) -> np.ndarray:
-    """Connected components of every class, as one instance map."""
-    out = np.zeros(classes.shape, np.uint16)
-    offset = 0
-    for c in np.unique(classes[classes > 0]):
-        labels, n = ndimage.label(classes == c)
-        out[labels > 0] = labels[labels > 0] + offset
-        offset += n
-    return out
+    """Connected components of every class (6-connectivity, as ``ndimage.label``'s default), as one instance map,
+    in one pass: neighbours join only when their class is equal. Beyond 65535 components the smallest are dropped
+    (uint16; they are far below the filters' minimum volume)."""
+    labels = label(classes, background=0, connectivity=1)
+    n = int(labels.max())
+    if n <= np.iinfo(np.uint16).max:
+        return labels.astype(np.uint16)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    lut = np.zeros(n + 1, np.uint16)
+    lut[np.argsort(-sizes, kind="stable")[: np.iinfo(np.uint16).max]] = np.arange(1, np.iinfo(np.uint16).max + 1)
+    lut[0] = 0
+    return lut[labels]
 
 
 def principal_halves(foreground: np.ndarray, spacing) -> list[np.ndarray]:
-    """For each principal axis of the foreground, a map with 1/2 for the two halves through its centroid."""
-    coords = np.argwhere(foreground) * np.asarray(spacing)
-    if len(coords) < 4:
+    """For each principal axis of the foreground, a map with 1/2 for the two halves through its centroid. The
+    moments come from the foreground's 2D projections (no (N, 3) coordinate array)."""
+    count = int(np.count_nonzero(foreground))
+    if count < 4:
         return []
-    centred = coords - coords.mean(0)
-    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    c_zy, c_zx, c_yx = (foreground.sum(axis=a, dtype=np.float64) for a in (2, 1, 0))
+    z, y, x = (np.arange(n, dtype=np.float64) * sp for n, sp in zip(foreground.shape, spacing))
+    mean = np.array([z @ c_zy.sum(1), y @ c_zy.sum(0), x @ c_zx.sum(0)]) / count
+    second = np.empty((3, 3))
+    second[0, 0], second[1, 1], second[2, 2] = (z * z) @ c_zy.sum(1), (y * y) @ c_zy.sum(0), (x * x) @ c_zx.sum(0)
+    second[0, 1] = second[1, 0] = z @ c_zy @ y
+    second[0, 2] = second[2, 0] = z @ c_zx @ x
+    second[1, 2] = second[2, 1] = y @ c_yx @ x
+    covariance = second / count - np.outer(mean, mean)
+    _, vectors = np.linalg.eigh(covariance)
     halves = []
-    for axis in axes:
-        side = np.zeros(foreground.shape, np.uint16)
-        side[foreground] = np.where(centred @ axis > 0, 2, 1)
+    for axis in vectors.T[::-1]:  # largest variance first
+        proj = sum(((g - m) * a).astype(np.float32).reshape([-1 if i == d else 1 for i in range(3)])
+                   for d, (g, m, a) in enumerate(zip((z, y, x), mean, axis)))
+        side = np.where(proj > 0, 2, 1).astype(np.uint16)
+        side[~foreground] = 0
         halves.append(side)
     return halves
 
 
-def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None) -> np.ndarray:
-    """Proposals for one (Z, Y, X) image with spacing in the same order -> uint16 (L, Z, Y, X)."""
-    s = settings or SupervoxelSettings()
-    image = np.nan_to_num(image.astype(np.float32))
-    foreground = foreground_mask(image)
-    if foreground.sum() < 10:
-        return np.zeros((0, *image.shape), np.uint16)
-    image01 = normalise(image, foreground)
-    layers = slic_layers(image01, foreground, spacing, s)
+def _layers(image, image01, foreground, spacing, s: SupervoxelSettings):
+    """The candidate layers one at a time (SLIC scales, then intensity classes, core classes and halves)."""
+    yield from slic_layers(image01, foreground, spacing, s)
     image01 = normalise(bias_corrected(image, foreground, spacing, s.bias_sigma_mm), foreground)
     halves = principal_halves(foreground, spacing) if s.half_splits else []
-    core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm
+    core = None
+    if s.core_depth_mm > 0:
+        core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm
     for k in s.intensity_classes:
         classes = intensity_classes(image01, foreground, k, s.seed)
-        layers.append(components(classes))
-        if s.core_depth_mm > 0:
-            layers.append(components(np.where(core, classes, 0).astype(np.uint16)))
+        yield components(classes)
+        if core is not None:
+            yield components(np.where(core, classes, 0).astype(np.uint16))
         for side in halves:  # each threshold between classes (dark / bright part) × the two halves
             for level in range(2, k + 1):
                 split = (classes >= level).astype(np.uint16) * 2 + side
-                layers.append(components(np.where(classes > 0, split, 0).astype(np.uint16)))
-    return finalize(layers, foreground, spacing, s.filters)
+                yield components(np.where(classes > 0, split, 0).astype(np.uint16))
+
+
+def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None) -> np.ndarray:
+    """Proposals for one (Z, Y, X) image with spacing in the same order -> uint16 (L, *S_w) on the working grid
+    (``settings.working_spacing_mm``, see ``proposals/resample.py``; the raw grid when it is None / 0). Every mm
+    setting (SLIC spacing, bias sigma, core depth, filters' mm³) is applied with the working spacing."""
+    s = settings or SupervoxelSettings()
+    image, spacing = to_working_grid(np.nan_to_num(np.asarray(image, np.float32)), spacing, s.working_spacing_mm)
+    foreground = foreground_mask(image)
+    if foreground.sum() < 10:
+        return np.zeros((0, *image.shape), np.uint16)
+    box = foreground_box(foreground, CROP_MARGIN)  # everything below runs on the foreground's bounding box
+    crop, fg = np.ascontiguousarray(image[box]), np.ascontiguousarray(foreground[box])
+    del image
+    return finalize(_layers(crop, normalise(crop, fg), fg, spacing, s), fg, spacing, s.filters, box, foreground.shape)
+
+
+CROP_MARGIN = 4  # voxels of background kept around the foreground (the 0.7-voxel smoothing reaches 3)
+
+
+def foreground_box(foreground: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The foreground's bounding box grown by ``margin`` voxels (clipped to the volume)."""
+    box = ndimage.find_objects(foreground.astype(np.uint8))[0]
+    return tuple(slice(max(sl.start - margin, 0), min(sl.stop + margin, n)) for sl, n in zip(box, foreground.shape))
