@@ -31,9 +31,9 @@ def main() -> None:
 
     from mass_nnu.adapter import inference
     from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.grids import resample_nearest
     from mass_nnu.proposals.resample import working_grid
     from mass_nnu.proposals.run import make_backend
-    from mass_nnu.grids import resample_nearest
     from mass_nnu.proposals.store import count_proposals
 
     dataset = Dataset.resolve(args.d)

@@ -189,8 +189,8 @@ def test_sam2_pipeline_with_stand_in_predictor(phantom):
 
 
 def test_working_grid_and_mapping_back():
-    from mass_nnu.proposals.resample import to_working_grid, working_grid
     from mass_nnu.grids import resample_nearest
+    from mass_nnu.proposals.resample import to_working_grid, working_grid
 
     # only downsampled (z at 2.5 mm stays), same field of view (n * spacing kept)
     shape, spacing = working_grid((10, 30, 31), (2.5, 0.8, 0.8), 2.0)
