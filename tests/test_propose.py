@@ -209,14 +209,14 @@ def test_working_grid_and_mapping_back():
 
 
 def test_working_spacing_option_writes_raw_grid_layers(phantom, run_cli):
-    from mass_nnu.proposals.store import read_proposals
+    from mass_nnu.proposals.store import open_proposals, read_proposals
 
     result = run_cli("propose", "-d", "720", "--shard", "0/4", "--working-spacing", "3")
     assert result.exit_code == 0, result.output
-    path = next((phantom / "proposalsTr").glob("*.npz"))
+    path = next((phantom / "proposalsTr").glob("*.b2nd"))
     layers, geometry = read_proposals(path)
     assert list(layers.shape[1:]) == geometry["shape"] and len(layers) > 0
-    assert json.loads(str(np.load(path)["params_json"]))["working_spacing_mm"] == 3.0
+    assert open_proposals(path).params["working_spacing_mm"] == 3.0
     # made on the 3 mm grid (factor 2 of 1.5 mm): constant on 2×2×2 blocks of the raw grid
     assert np.array_equal(layers[:, ::2, ::2, ::2], layers[:, 1::2, 1::2, 1::2])
 
