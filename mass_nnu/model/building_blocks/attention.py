@@ -29,7 +29,7 @@ def key_bias(key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 def all_valid(valid: torch.Tensor | None) -> torch.Tensor | None:
     """``valid`` unless every entry is True, then None (no mask: the flash kernels stay eligible). One host sync;
     call it once per forward, not per attention."""
-    if valid is None or bool(valid.all()):
+    if valid is None or (valid.device.type != "meta" and bool(valid.all())):  # meta: memory estimates, shapes only
         return None
     return valid
 
