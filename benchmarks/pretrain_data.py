@@ -124,7 +124,6 @@ def run_old(sampler, rngs) -> list[dict]:
 
     from mass_nnu.pretraining.sampling import crop, crop_box
 
-    s = sampler.settings
     rows = []
     for rng in rngs:
         drawn = sampler.draw(rng)  # the decisions only (case, tasks, centres), not timed
