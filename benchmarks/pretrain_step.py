@@ -64,7 +64,8 @@ def run_mass(args) -> dict:
     from mass_nnu.pretraining.trainer import MASSPretrainer, PretrainSettings
 
     settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps, val_iterations=1,
-                                batch_size=args.batch_size, num_workers=args.np, seed=0)
+                                batch_size=args.batch_size, num_workers=args.np, seed=0, compile=args.compile,
+                                memory_check=False)
     trainer = MASSPretrainer([args.d], args.p, args.c, settings, args.device,
                              output=os.path.join(args.scratch, "mass"))
     trainer.build_data()
@@ -96,6 +97,7 @@ def run_nnunet(args) -> dict:
     from mass_nnu.adapter.training import build_trainer, nnUNetTrainer
 
     os.environ["nnUNet_results"] = os.path.join(args.scratch, "nnunet_results")
+    os.environ["nnUNet_compile"] = "true" if args.compile else "false"  # nnU-Net's own torch.compile switch
     plans = Dataset.resolve(args.d).plans(args.p)
     dataset_json = Dataset.resolve(args.d).dataset_json()
     trainer = build_trainer(nnUNetTrainer, plans, args.c, 0, dataset_json, args.device, False)
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("-np", type=int, default=2, help="data-loading workers of the MASS side")
     parser.add_argument("-device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides (MASS: --compile; "
+                                                                   "nnU-Net: nnUNet_compile=true)")
     parser.add_argument("--scratch", default=None, help="folder for the throw-away trainer outputs")
     parser.add_argument("--part", choices=("mass", "nnunet"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,7 +157,8 @@ def main() -> None:
     mass, nnunet = results["mass"], results["nnunet"]
     figures = {"P1": mass["step_s"] / nnunet["step_s"], "P3": mass["wait_fraction"],
                "P5": mass["peak_mb"] / max(nnunet["peak_mb"], 1e-6)}
-    print(f"device {args.device}, patch {mass['patch']}, batch {args.batch_size}, {args.steps} timed steps "
+    print(f"device {args.device}{', compiled' if args.compile else ''}, patch {mass['patch']}, batch {args.batch_size}, "
+          f"{args.steps} timed steps "
           f"(+{args.warmup} warm-up), -np {args.np}")
     print(f"{'':28s}{'MASS':>12s}{'nnU-Net':>12s}")
     print(f"{'step time (s)':28s}{mass['step_s']:12.3f}{nnunet['step_s']:12.3f}")

@@ -153,3 +153,23 @@ def test_cli_writes_summarises_and_refuses_to_overwrite(nnunet_env, run_cli):
     assert again.exit_code == 1 and "--force" in again.stderr
     clash = run_cli(*args, "--pretrain-id", "512", "--phantom", "--force")
     assert clash.exit_code == 1 and "must all differ" in clash.stderr
+
+
+def test_full_size_phantom_geometry(nnunet_env):
+    """--phantom-full's documented geometry (512×512×200 at 0.8×0.8×2.5 mm, x y z), checked on a downscaled
+    slab-rendered write with that spacing; the slab size does not change the result."""
+    from mass_nnu.demo_data.phantom import make_phantom_case_slabs, phantom_geometry, write_phantom_dataset
+    from mass_nnu.errors import MassError
+
+    shape, spacing = phantom_geometry("full")
+    assert shape == (200, 512, 512) and spacing == (2.5, 0.8, 0.8)  # array order z, y, x
+    assert phantom_geometry("small")[0] == (32, 40, 40)
+    with pytest.raises(MassError, match="phantom size 'huge'"):
+        phantom_geometry("huge")
+    folder = write_phantom_dataset(604, "PhFull", 1, 0, shape=(20, 32, 32), spacing=spacing, slabs=True)
+    image = sitk.ReadImage(str(next((folder / "imagesTr").glob("*.nii.gz"))))
+    assert image.GetSize() == (32, 32, 20) and image.GetSpacing() == pytest.approx((0.8, 0.8, 2.5))
+    assert image.GetPixelID() == sitk.sitkInt16
+    a, la = make_phantom_case_slabs((20, 32, 32), seed=3, slab=3)
+    b, lb = make_phantom_case_slabs((20, 32, 32), seed=3, slab=64)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and set(np.unique(la)) >= {0, 1, 2, 3, 4, 5}

@@ -202,3 +202,24 @@ def test_unknown_plans_and_missing_preprocessing(private_copy, run_cli):
     result = run_cli(*_pretrain_args(private_copy))
     assert result.exit_code == 1, result.output
     assert "mass plan" in result.stderr and "Traceback" not in result.output
+
+
+def test_packed_masks_augment_like_separate_masks():
+    """apply_view moves 8 masks per segmentation channel as bits; the result equals resampling each mask as its
+    own channel (the previous code), with and without a spatial draw."""
+    import torch
+
+    from mass_nnu.adapter.augmentation import apply_view, pack_masks, unpack_masks, view_transforms
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((13, 20, 22, 24)) < 0.3
+    assert torch.equal(unpack_masks(torch.from_numpy(pack_masks(masks)), 13), torch.from_numpy(masks))
+    image = rng.normal(size=(1, 20, 22, 24)).astype(np.float32)
+    transform = view_transforms((16, 16, 16), True)
+    for seed in range(4):
+        image_out, masks_out = apply_view(transform, image, masks, seed)
+        with torch.random.fork_rng(devices=[]):
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            ref = transform(image=torch.from_numpy(image), segmentation=torch.from_numpy(masks.astype(np.int16)))
+        assert torch.equal(masks_out, ref["segmentation"] > 0) and torch.equal(image_out, ref["image"].float())

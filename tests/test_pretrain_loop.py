@@ -233,3 +233,18 @@ def test_nnssl_plan_holds_only_the_pretraining_configuration():
     assert plan["recommended_downstream_patchsize"] == [64, 80, 80] and plan["pretrain_plan"]["plans_name"] == "P"
     assert list(plans["configurations"]) == ["2d", "3d_fullres", "3d_big"]  # the plans themselves are untouched
     assert all(isinstance(c, dict) and c["title"] and ("doi" in c or "url" in c) for c in CITATIONS)
+
+
+def test_refuses_a_step_that_cannot_fit_in_one_line(experiment_env, tmp_path, run_cli, monkeypatch):
+    """The memory check runs before the first step: one error line with the estimate and the ways out, exit 1,
+    no checkpoint (the available memory is forced down to 64 MiB)."""
+    from mass_nnu.pretraining import trainer
+
+    monkeypatch.setattr(trainer, "available_memory", lambda device: 64 * 2 ** 20)
+    out = tmp_path / "refused"
+    result = run_cli(*_args(experiment_env, out))
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mass: error: pretraining needs about")
+    assert "GiB is available" in lines[0] and "smaller patch" in lines[0] and "--no-memory-check" in lines[0]
+    assert not out.exists() or not list(out.glob("checkpoint_*.pth"))

@@ -18,6 +18,7 @@ def demo_data(
     fetch_atlases: bool = typer.Option(False, "--fetch-atlases", help="Get Debian's mricron-data (apt-get download, unpacked into $MASS_CACHE or ~/.cache/mass-nnu) if not cached yet."),
     atlas_deb: str = typer.Option(None, "--atlas-deb", help="A downloaded mricron-data .deb, or a folder it was unpacked into (dpkg-deb -x)."),
     phantom: bool = typer.Option(False, "--phantom", help=f"Also write the CT-like phantom pair (IDs {PHANTOM_IDS[0]} unlabelled, {PHANTOM_IDS[1]} labelled)."),
+    phantom_full: bool = typer.Option(False, "--phantom-full", help="Write the CT phantom pair at full size (implies --phantom): 512×512×200 voxels (x y z) at 0.8×0.8×2.5 mm, int16 HU, rendered slab by slab (about 0.5 GB peak per case)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing dataset folders."),
 ) -> None:
     """Write the MNI152 demo datasets (nilearn's template) into nnUNet_raw; the atlas set's labels need mricron-data
@@ -26,11 +27,12 @@ def demo_data(
 
     from mass_nnu.demo_data.atlas import ATLAS_NAME, find_atlases, write_atlas_dataset
     from mass_nnu.demo_data.mni import DOWNSTREAM_NAME, PRETRAIN_NAME, write_mni_datasets
-    from mass_nnu.demo_data.phantom import write_phantom_dataset
+    from mass_nnu.demo_data.phantom import phantom_geometry, write_phantom_dataset
     from mass_nnu.demo_data.writer import check_new_dataset, dataset_summary
     from mass_nnu.errors import MassError
 
     start = time.time()
+    phantom = phantom or phantom_full
     phantom_jobs = [dict(dataset_id=PHANTOM_IDS[0], name="PhantomPretrain", num_train=num_pretrain, seed=seed,
                          labelled=False),
                     dict(dataset_id=PHANTOM_IDS[1], name="PhantomSeg", num_train=num_train, num_test=num_test,
@@ -46,8 +48,9 @@ def demo_data(
         typer.echo(f"warning: {fallback}", err=True)
     folders = write_mni_datasets(pretrain_id, downstream_id, num_pretrain, num_train, num_test, small, seed, force)
     folders += (write_atlas_dataset(atlas_id, num_train, num_test, small, seed, force, atlas),)
-    shape = (32, 40, 40) if small else (96, 128, 128)
-    folders += tuple(write_phantom_dataset(**job, shape=shape, force=force) for job in phantom_jobs)
+    shape, spacing = phantom_geometry("full" if phantom_full else "small" if small else "default")
+    folders += tuple(write_phantom_dataset(**job, shape=shape, spacing=spacing, force=force, slabs=phantom_full)
+                     for job in phantom_jobs)
     for folder in folders:
         typer.echo(dataset_summary(folder))
     typer.echo(f"demo data ready in {time.time() - start:.1f} s")

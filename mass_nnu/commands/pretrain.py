@@ -24,6 +24,7 @@ def pretrain(
     seed: int = typer.Option(0, "--seed"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     output: Optional[str] = typer.Option(None, "-o", help="Output folder (default: nnU-Net's results layout)."),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="Estimate the step's peak memory before the first step and stop with one line if it cannot fit."),
 ) -> None:
     """Pretrain the plans' nnU-Net network by in-context segmentation of proposals; exports nnU-Net weights."""
     import os
@@ -35,6 +36,7 @@ def pretrain(
     workers = num_processes if num_processes is not None else int(os.environ.get("nnUNet_n_proc_DA", "2"))
     settings = PretrainSettings(epochs=epochs, iterations_per_epoch=iters_per_epoch, val_iterations=val_iters,
                                 batch_size=batch_size, lr=lr, optimizer=optimizer, ema_decay=ema, seed=seed,
-                                num_workers=workers, compile=compile, max_tasks=max_tasks)
+                                num_workers=workers, compile=compile, max_tasks=max_tasks,
+                                memory_check=memory_check)
     folder = run(dataset, plans, configuration, settings, device, resume, Path(output) if output else None)
     typer.echo(f"pretrained weights: {folder / 'nnunet_pretrained_weights.pth'}")

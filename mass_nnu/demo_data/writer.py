@@ -49,7 +49,7 @@ def new_dataset(dataset_id: int, name: str, force: bool = False) -> Iterator[Pat
 def write_image(array: np.ndarray, spacing_zyx, path: Path, *, origin_xyz=(0.0, 0.0, 0.0), direction=None,
                 dtype=np.float32) -> None:
     """Write a (z, y, x) array as NIfTI with SimpleITK (spacing given in array order)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype)))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False)))
     image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     image.SetOrigin(tuple(float(o) for o in origin_xyz))
     if direction is not None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from mass_nnu.adapter.networks import build_network, unet_parts
 from mass_nnu.errors import MassError
+from mass_nnu.model.building_blocks.attention import all_valid
 from mass_nnu.model.building_blocks.conditioning import ConditioningScale
 from mass_nnu.model.building_blocks.dynamic_head import DynamicHead
 from mass_nnu.model.building_blocks.task_encoder import TaskEncoderScale
@@ -144,9 +145,10 @@ class MASSModel(nn.Module):
         expand = (lambda x: x.repeat_interleave(k, 0)) if self.decoder_mode == "per_task" else (lambda x: x)  # noqa: E731
         x = expand(skips[-1])
         first_tokens, features = [], []
+        valid = all_valid(tokens.valid)  # None when no slot is padded: attention without a mask (flash kernels)
         for s in range(len(parts.stages)):
             if s < self.num_token_scales:
-                x, updated = self.conditioning[s](x, tokens.scales[s], tokens.valid)
+                x, updated = self.conditioning[s](x, tokens.scales[s], valid)
                 first_tokens.append(updated[:, :, 0])
             x = parts.stages[s](torch.cat((parts.transpconvs[s](x), expand(skips[-(s + 2)])), 1))
             features.append(x)

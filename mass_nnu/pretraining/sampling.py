@@ -240,11 +240,13 @@ class TaskSampler:
         chosen = stats[np.concatenate(([first], others)).astype(np.int64)]
         used = np.unique(chosen[:, 0])  # crop only the layers the tasks come from, masks on the crops only
         slot = np.searchsorted(used, chosen[:, 0])
-        labels = chosen[:, 1].reshape(-1, *[1] * len(self.context))
         views = []
         for center in (ref_center, query_center):
-            masks = store.crop(used, *crop_box(center, self.context))[slot] == labels
-            views.append((crop(data, center, self.context).astype(np.float32, copy=False), masks.astype(np.uint8)))
+            layers = store.crop(used, *crop_box(center, self.context))
+            masks = np.empty((len(chosen), *self.context), bool)
+            for i, (j, label) in enumerate(zip(slot, chosen[:, 1])):  # no (K, *context) uint16 copy
+                np.equal(layers[j], label, out=masks[i])
+            views.append((crop(data, center, self.context).astype(np.float32, copy=False), masks))
         return {"views": views, "anchor": anchor, "centers": (ref_center, query_center), "tasks": chosen,
                 "case": source.case_id}
 

@@ -38,6 +38,7 @@ from mass_nnu.model.artifacts import (
 )
 from mass_nnu.model.loss import InContextLoss, dice_per_task
 from mass_nnu.model.mass_model import build_mass_model
+from mass_nnu.pretraining.memory import available_memory, check_memory, estimate_memory
 from mass_nnu.pretraining.sampling import BatchStream, CaseSource, SamplerSettings, TaskSampler, prepare_proposals
 
 
@@ -59,6 +60,7 @@ class PretrainSettings:
     compile: bool = False
     max_tasks: int = 13
     mass_config: dict = field(default_factory=dict)
+    memory_check: bool = True       # estimate the step's peak memory first and refuse one that cannot fit
 
 
 class Distributed:
@@ -183,6 +185,20 @@ class MASSPretrainer:
             ensure_writable(self.output)
         self.log(f"pretraining on {len(train)} case(s) of {', '.join(self.names)}; {len(held)} held out for "
                  f"in-context validation; patch {patch}, batch {self.settings.batch_size}, ≤ {settings.max_tasks} tasks")
+
+    def check_memory(self) -> None:
+        """Before the first step: the step's estimated peak (memory.py) against the memory available on this
+        device; one MassError line with the estimate and the ways out when it cannot fit."""
+        if not self.settings.memory_check:
+            return
+        s = self.settings
+        estimate = estimate_memory(self.plans, self.configuration, self.num_channels, self.model.mass_config(),
+                                   s.batch_size, s.max_tasks, self.device.type)
+        available = available_memory(self.device)
+        patch = self.plans["configurations"][self.configuration]["patch_size"]
+        self.log(f"memory: estimated peak {estimate.total / 2 ** 30:.1f} GiB, available "
+                 f"{available / 2 ** 30:.1f} GiB ({self.device.type})")
+        check_memory(estimate, available, self.device, s.batch_size, patch)
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, *parts) -> None:
@@ -350,6 +366,7 @@ def pretrain(datasets: list, plans_identifier: str = "nnUNetResEncUNetMPlans", c
              settings: PretrainSettings | None = None, device: str = "cpu", resume: bool = False,
              output: Path | None = None) -> Path:
     trainer = MASSPretrainer(datasets, plans_identifier, configuration, settings or PretrainSettings(), device, output)
+    trainer.check_memory()  # before any data preparation or step: one line if the step cannot fit
     if resume:
         trainer.resume()
     trainer.build_data()

@@ -12,8 +12,31 @@ def _heads(dim: int) -> int:
     return dim // 32 if dim % 32 == 0 else 1
 
 
+def key_bias(key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``key_valid`` (B, Lk) bool -> an additive mask (B, 1, 1, Lk) of 0 / -inf in ``dtype``, or None when no mask
+    is given. A row without any valid key attends to all (rather than to none, which would give NaN).
+
+    Why not the boolean mask itself: a boolean ``attn_mask`` rules out the flash kernels and, depending on the torch
+    version and backend, the memory-efficient ones too; an additive float mask keeps the memory-efficient and cuDNN
+    kernels. Callers pass None when every key is valid (``all_valid``), so that case runs the fastest kernel."""
+    if key_valid is None:
+        return None
+    key_valid = key_valid | ~key_valid.any(1, keepdim=True)
+    bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill(~key_valid, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def all_valid(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """``valid`` unless every entry is True, then None (no mask: the flash kernels stay eligible). One host sync;
+    call it once per forward, not per attention."""
+    if valid is None or (valid.device.type != "meta" and bool(valid.all())):  # meta: memory estimates, shapes only
+        return None
+    return valid
+
+
 class Attention(nn.Module):
-    """Multi-head attention through ``F.scaled_dot_product_attention``; ``key_valid`` (B, Lk) masks keys."""
+    """Multi-head attention through ``F.scaled_dot_product_attention``; ``key_valid`` (B, Lk) masks keys (None:
+    every key is valid, no mask is passed)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -23,11 +46,9 @@ class Attention(nn.Module):
     def forward(self, q, k, v, key_valid: torch.Tensor | None = None):
         b, lq, d = q.shape
         split = lambda x: x.view(b, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        mask = None
-        if key_valid is not None:
-            key_valid = key_valid | ~key_valid.any(1, keepdim=True)  # a row without valid keys attends to all
-            mask = key_valid[:, None, None, :]
-        x = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)), attn_mask=mask)
+        queries = split(self.q(q))
+        x = F.scaled_dot_product_attention(queries, split(self.k(k)), split(self.v(v)),
+                                           attn_mask=key_bias(key_valid, queries.dtype))
         return self.out(x.transpose(1, 2).reshape(b, lq, d))
 
 

@@ -18,12 +18,13 @@ class ConditioningScale(nn.Module):
         self.blocks = nn.ModuleList(TwoWayBlock(dim) for _ in range(num_blocks))
         self.norm_tokens = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor):
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None):
+        """``valid`` (B, K) marks real tasks; None when all are (then no attention mask is passed)."""
         b, k, t, d = tokens.shape
         spatial = features.shape[2:]
         image0 = self.in_proj(flatten_spatial(features))
         positions = self.positions(tuple(spatial), features.device, image0.dtype)
-        token_valid = valid[:, :, None].expand(b, k, t).reshape(b, k * t)
+        token_valid = None if valid is None else valid[:, :, None].expand(b, k, t).reshape(b, k * t)
         flat_tokens, image = tokens.reshape(b, k * t, d), image0
         for block in self.blocks:
             flat_tokens, image = block(flat_tokens, image, positions, token_valid, k)

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# One GPU check, about 8 minutes on one H200: makes its own data (no downloads), writes under $OUT (else a temporary
+# folder), prints a summary table at the end.
+#
+#   bash benchmarks/gpu_check.sh                         # on the GPU machine, from the repository root
+#   GPU_CHECK_TINY=1 GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # CPU dry run of every part, tiny sizes
+#
+# 1. data: the CT phantom pair (Dataset731 unlabelled, 4 cases; Dataset732 labelled, 6 cases: nnU-Net's 5 folds) at the default size
+#    (96×128×128, 1.5 mm; GPU_CHECK_PHANTOM=full for 512×512×200), planned with the default ResEnc M plans (full
+#    width, 32 base features; 731 takes 732's architecture), proposed (supervoxels), and a derived plans file
+#    nnUNetResEncUNetMPlans_p<PATCH> with the patch forced to PATCH³ (128³; same preprocessed data);
+# 2. P1/P3/P5: benchmarks/pretrain_step.py, MASS pretraining step (bf16 autocast) against nnU-Net's own supervised
+#    step on the same plans, eager and with torch.compile (both sides);
+# 3. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP, with nnU-Net's compile;
+# 4. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second.
+# Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
+# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (skip the compiled pretraining step: on CPU it compiles for ~5 min),
+# PYTHON (python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+WORKERS=${GPU_CHECK_WORKERS:-$([[ -n "${GPU_CHECK_TINY:-}" ]] && echo 2 || echo 12)}
+COMPILE=${GPU_CHECK_COMPILE:-1}
+ROOT=${OUT:-$(mktemp -d /tmp/mass_gpu_check.XXXXXX)}/gpu_check
+mkdir -p "$ROOT"
+export nnUNet_raw=$ROOT/raw nnUNet_preprocessed=$ROOT/preprocessed nnUNet_results=$ROOT/results
+export nnUNet_n_proc_DA=$WORKERS MPLBACKEND=Agg
+if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
+  SIZE=small; PATCH=32; STEPS=2; WARMUP=1; ITERS=2; ROUNDS=1; BATCHES=4; NP=2; LOADER_WORKERS=2
+else
+  SIZE=${GPU_CHECK_PHANTOM:-default}; PATCH=128; STEPS=10; WARMUP=3; ITERS=10; ROUNDS=3; BATCHES=40; NP=8
+  LOADER_WORKERS=$WORKERS
+fi
+PLANS=nnUNetResEncUNetMPlans
+DERIVED=${PLANS}_p${PATCH}
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+start=$(date +%s)
+
+log "data: phantom pair ($SIZE) into $nnUNet_raw"
+$PY - "$SIZE" <<'EOF'
+import sys
+from mass_nnu.demo_data.phantom import phantom_geometry, write_phantom_dataset
+from mass_nnu.workspace import configure_environment
+configure_environment(quiet=True)
+shape, spacing = phantom_geometry(sys.argv[1])
+slabs = sys.argv[1] == "full"
+write_phantom_dataset(731, "GpuCheckPre", 4, 0, shape=shape, spacing=spacing, seed=1, labelled=False, force=True,
+                      slabs=slabs)
+write_phantom_dataset(732, "GpuCheckSeg", 6, 0, shape=shape, spacing=spacing, seed=2, force=True, slabs=slabs)
+EOF
+log "plan (default ResEnc M, full width) and propose"
+$PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
+$PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
+$PY -m mass_nnu propose -d 731 -np "$NP" > "$ROOT/propose.txt"
+$PY - "$PLANS" "$DERIVED" "$PATCH" <<'EOF'
+import json, sys
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.workspace import configure_environment
+configure_environment(quiet=True)
+source, derived, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for ident in ("731", "732"):
+    dataset = Dataset.resolve(ident)
+    plans = dataset.plans(source)
+    plans["plans_name"] = derived
+    plans["configurations"]["3d_fullres"]["patch_size"] = [patch] * 3  # same data_identifier: same data
+    path = dataset.plans_file(derived)
+    path.write_text(json.dumps(plans, indent=2))
+    print(f"{path}: patch {[patch] * 3}")
+EOF
+
+log "P1/P3/P5 eager (bf16 autocast on cuda)"
+$PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+    --warmup "$WARMUP" -np "$WORKERS" | tee "$ROOT/pretrain_step_eager.txt"
+MODES=eager
+if [[ "$COMPILE" != 0 ]]; then
+  log "P1/P3/P5 torch.compile"
+  $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+      --warmup "$WARMUP" -np "$WORKERS" --compile | tee "$ROOT/pretrain_step_compile.txt"
+  MODES="eager compile"
+fi
+
+log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile=true), in-context head from a 1-step pretraining"
+$PY -m mass_nnu pretrain -d 731 -p "$DERIVED" --epochs 1 --iters-per-epoch 1 --val-iters 1 --batch-size 1 -np 0 \
+    -device "$DEVICE" -o "$ROOT/pretrained" > "$ROOT/pretrain_1step.txt"
+nnUNet_compile=true $PY benchmarks/finetune_iteration.py -d 732 -p "$DERIVED" -w "$ROOT/pretrained" \
+    --iterations "$ITERS" --rounds "$ROUNDS" -device "$DEVICE" | tee "$ROOT/finetune_iteration.txt"
+
+log "loader throughput, $LOADER_WORKERS workers"
+$PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" <<'EOF' | tee "$ROOT/loader.txt"
+import sys, time
+from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.adapter.preprocessed import data_folder
+from mass_nnu.pretraining.sampling import BatchStream, CaseSource, TaskSampler, prepare_proposals
+from mass_nnu.workspace import configure_environment
+configure_environment(quiet=True)
+plans_name, workers, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dataset = Dataset.resolve("731")
+plans = dataset.plans(plans_name)
+folder, cases = prepare_proposals(dataset, plans, "3d_fullres")
+sampler = TaskSampler([CaseSource(data_folder(dataset, plans, "3d_fullres"), folder, c) for c in cases],
+                      plans["configurations"]["3d_fullres"]["patch_size"])
+batch_size = 2
+loader = iter(BatchStream(sampler, batch_size, batches, 0).loader(0, workers, pin_memory=False))
+next(loader)  # workers started, first batch
+t0 = time.perf_counter()
+for _ in range(batches):
+    next(loader)
+seconds = time.perf_counter() - t0
+print(f"loader: {workers} workers, patch {list(sampler.patch_size)}, batch {batch_size}: "
+      f"{batches * batch_size / seconds:.1f} samples/s ({seconds / batches:.3f} s/batch)")
+EOF
+
+log "summary (all outputs in $ROOT)"
+{
+  echo "| check | figure |"
+  echo "| --- | --- |"
+  for mode in $MODES; do
+    f=$ROOT/pretrain_step_$mode.txt
+    echo "| pretrain step ($mode): $(head -1 "$f") | $(grep -E '^(P1|P3|P5) ' "$f" | awk '{printf "%s %s (%s %s, %s); ", $1, $2, $3, $4, $5}') |"
+    echo "| step time s, MASS / nnU-Net ($mode) | $(grep '^step time' "$f" | awk '{print $(NF-1)" / "$NF}') |"
+    echo "| peak memory MiB, MASS / nnU-Net ($mode) | $(grep '^peak memory' "$f" | awk '{print $(NF-1)" / "$NF}') |"
+  done
+  grep '^P2' "$ROOT/finetune_iteration.txt" | sed 's/^/| fine-tuning | /; s/$/ |/'
+  sed 's/^/| /; s/$/ | |/' "$ROOT/loader.txt"
+  echo "| wall time | $(( $(date +%s) - start )) s |"
+} | tee "$ROOT/summary.md"
