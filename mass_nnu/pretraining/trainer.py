@@ -181,8 +181,6 @@ class MASSPretrainer:
         val_sampler = TaskSampler(held or train, patch, settings)
         self.val_batches = [val_sampler.batch(val_rng, self.settings.batch_size)
                             for _ in range(self.settings.val_iterations)]
-        if self.dist.main:
-            ensure_writable(self.output)
         self.log(f"pretraining on {len(train)} case(s) of {', '.join(self.names)}; {len(held)} held out for "
                  f"in-context validation; patch {patch}, batch {self.settings.batch_size}, ≤ {settings.max_tasks} tasks")
 
@@ -366,6 +364,8 @@ def pretrain(datasets: list, plans_identifier: str = "nnUNetResEncUNetMPlans", c
              settings: PretrainSettings | None = None, device: str = "cpu", resume: bool = False,
              output: Path | None = None) -> Path:
     trainer = MASSPretrainer(datasets, plans_identifier, configuration, settings or PretrainSettings(), device, output)
+    if trainer.dist.main:
+        ensure_writable(trainer.output)  # before the first log line creates the folder
     trainer.check_memory()  # before any data preparation or step: one line if the step cannot fit
     if resume:
         trainer.resume()
