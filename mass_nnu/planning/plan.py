@@ -20,6 +20,11 @@ from mass_nnu.planning.transfer import transfer_plans
 LOG_FILE = "mass_plan_log.txt"  # nnU-Net's planning and preprocessing output, per dataset
 
 
+def quiet(dataset: Dataset, verbose: bool):
+    """nnU-Net's own output of work on ``dataset``: on screen with ``verbose``, else in its log file."""
+    return nnunet_planning.nnunet_output(dataset.preprocessed / LOG_FILE, verbose)
+
+
 def plan_datasets(datasets: Sequence, planner: str = "nnUNetPlannerResEncM",
                   configurations: Iterable[str] = ("3d_fullres",), num_processes: int = 2, target_dataset=None,
                   preprocess: bool = True, verify: bool = False, base_features: int | None = None,
@@ -35,20 +40,17 @@ def plan_datasets(datasets: Sequence, planner: str = "nnUNetPlannerResEncM",
     for dataset in dict.fromkeys(resolved + ([target] if target else [])):
         check_raw_dataset(dataset)
 
-    def quiet(dataset: Dataset):
-        return nnunet_planning.nnunet_output(dataset.preprocessed / LOG_FILE, verbose)
-
     if target is None:
         identifier = nnunet_planning.plans_identifier_for(planner, base_features)
         for dataset in resolved:
             ensure_labels(dataset)
-            with quiet(dataset):
+            with quiet(dataset, verbose):
                 nnunet_planning.extract_fingerprint(dataset, num_processes, verify)
                 identifier = nnunet_planning.plan_experiment(dataset, planner, base_features)
                 if preprocess:
                     nnunet_planning.preprocess(dataset, identifier, configurations, num_processes)
         return identifier
-    with quiet(target):
+    with quiet(target, verbose):
         nnunet_planning.extract_fingerprint(target, num_processes, verify)
         identifier = nnunet_planning.plan_experiment(target, planner, base_features)
         if preprocess:
@@ -58,7 +60,7 @@ def plan_datasets(datasets: Sequence, planner: str = "nnUNetPlannerResEncM",
         if dataset == target:
             continue
         ensure_labels(dataset)  # its message belongs on screen
-        with quiet(dataset):
+        with quiet(dataset, verbose):
             transfer_plans(target_plans, dataset, identifier, num_processes=num_processes, verify=verify,
                            checked=True)
             if preprocess:
@@ -74,7 +76,7 @@ def ensure_plans(dataset: Dataset, plans_identifier: str, configuration: str, so
         if source_plans is not None:
             print(f"mass: {dataset} has no plans '{plans_identifier}'; transferring the pretrained plans")
             ensure_labels(dataset)
-            with nnunet_planning.nnunet_output(dataset.preprocessed / LOG_FILE, verbose):
+            with quiet(dataset, verbose):
                 transfer_plans(source_plans, dataset, plans_identifier, num_processes=num_processes)
         else:
             planner = nnunet_planning.planner_of(plans_identifier)
@@ -86,7 +88,7 @@ def ensure_plans(dataset: Dataset, plans_identifier: str, configuration: str, so
     plans = dataset.plans(plans_identifier)
     if not preprocessed_case_ids(data_folder(dataset, plans, configuration)):
         print(f"mass: preprocessing {dataset} ({plans_identifier}, {configuration})")
-        with nnunet_planning.nnunet_output(dataset.preprocessed / LOG_FILE, verbose):
+        with quiet(dataset, verbose):
             nnunet_planning.preprocess(dataset, plans_identifier, [configuration], num_processes)
     return plans
 
