@@ -20,6 +20,7 @@ VARIANTS = {
     "no-half-splits": {"half_splits": False},
     "no-core": {"core_depth_mm": 0.0},
     "both-off": {"half_splits": False, "core_depth_mm": 0.0},
+    "slic-working-grid": {"slic_max_spacing_mm": 0.0},  # every SLIC scale on the working grid (before per-scale grids)
 }
 
 

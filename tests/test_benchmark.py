@@ -96,6 +96,16 @@ def test_missing_prediction_is_an_error(experiment_env, tmp_path):
     assert len(result["metric_per_case"]) == 2 and result["foreground_mean"]["Dice"] == pytest.approx(1.0)
 
 
+def test_method_learning_rates_are_checked():
+    from mass_nnu.errors import MassError
+    from mass_nnu.evaluation.label_efficiency import parse_method_lr
+
+    assert parse_method_lr(["scratch=0.03", "mass=1e-3"]) == {"scratch": 0.03, "mass": 0.001}
+    for bad in (["scratch"], ["scratch=x"], ["scratch=-1"], ["incontext=0.1"], ["mass=0.1", "mass=0.2"]):
+        with pytest.raises(MassError, match="--method-lr"):
+            parse_method_lr(bad)
+
+
 def test_budgets_are_checked():
     from mass_nnu.errors import MassError
     from mass_nnu.evaluation.label_efficiency import parse_budgets
@@ -112,7 +122,8 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
     out = tmp_path / "bench"
     base = ("benchmark", "-d", experiment_env["downstream"], "-w", uninterrupted, "--budgets", "1", "--seeds", "1",
             "--epochs", "1", "--iters-per-epoch", "1")
-    args = (*base, "--methods", "mass", "--methods", "scratch", "--methods", "random-init", "--incontext", "-o", out)
+    args = (*base, "--methods", "mass", "--methods", "scratch", "--methods", "random-init", "--incontext",
+            "--method-lr", "scratch=0.02", "-o", out)
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -122,6 +133,9 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
         assert cell["settings"]["method"] == method and cell["split"] == "validation" and set(cell["dice"]) == {"validation"}
         assert 0.0 <= cell["mean_dice"] <= 1.0 and "liver" in cell["per_structure"]
     assert cells["mass"]["settings"]["head"] == "incontext" and cells["random-init"]["settings"]["random_init"]
+    assert cells["scratch"]["settings"]["learning_rate"] == 0.02 and "_lr0.02" in cells["scratch"]["plans"]
+    assert cells["mass"]["settings"]["learning_rate"] is None and "_lr" not in cells["mass"]["plans"]
+    assert "weights" not in cells["scratch"]["settings"] and cells["scratch"]["settings"]["plans"]
     assert cells["random-init"]["plans"].endswith("_rand") and cells["random-init"]["plans"] != cells["mass"]["plans"]
     assert not (Path(cells["mass"]["model_folder"]) / "fold_0" / "predictions_imagesTs").exists(), "test set untouched"
     for method in ("mass", "scratch", "random-init"):  # nnU-Net's own validation summary against the budget

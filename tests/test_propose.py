@@ -69,6 +69,46 @@ def test_out_id_writes_a_new_dataset(phantom, run_cli):
     assert run_cli("propose", "-d", "720", "--out-id", "x1").exit_code == 1
 
 
+def test_shape_rules_can_be_turned_off(phantom, run_cli):
+    """--no-half-splits --core-depth 0 (the label-shaped rules off, docs/proposals.md) reach the backend: recorded
+    in the case's table and fewer proposals than with the defaults on the same case."""
+    from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.proposals.store import open_proposals
+
+    assert run_cli("propose", "-d", "720", "--shard", "0/4", "--out-id", "731").exit_code == 0
+    result = run_cli("propose", "-d", "720", "--shard", "0/4", "--out-id", "732", "--no-half-splits", "--core-depth", "0")
+    assert result.exit_code == 0, result.output
+    on, off = (open_proposals(next((Dataset.resolve(i).raw / "proposalsTr").glob("*.b2nd"))) for i in (731, 732))
+    assert (on.params["half_splits"], on.params["core_depth_mm"]) == (True, 10.0)
+    assert (off.params["half_splits"], off.params["core_depth_mm"]) == (False, 0.0)
+    assert 0 < len(off.table) < len(on.table)
+    assert run_cli("propose", "-d", "720", "--core-depth", "-1").exit_code != 0
+
+
+def test_coarse_slic_scales_run_on_a_coarser_grid():
+    """A scale with large supervoxels runs on a coarser grid (capped at slic_max_spacing_mm, only for a factor
+    ≥ 1.5) and comes back on the working grid with labels only inside the foreground."""
+    import dataclasses
+
+    from mass_nnu.proposals.supervoxel import SupervoxelSettings, slic_layers, slic_spacing
+
+    s = SupervoxelSettings()
+    foreground = np.zeros((40, 48, 48), bool)
+    foreground[4:36, 6:42, 6:42] = True  # 41 472 voxels at 1 mm
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 12, s) == pytest.approx((41472 / 12) ** (1 / 3) / 8)  # 1.89 mm
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 120, s) is None  # edge 7 voxels: stays on the working grid
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 1, s) == 4.0  # capped
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 12, dataclasses.replace(s, slic_max_spacing_mm=0)) is None
+    rng = np.random.default_rng(0)
+    image = np.where(foreground, 0.5 + 0.1 * rng.standard_normal(foreground.shape), 0).astype(np.float32)
+    image[4:36, 6:24] += 0.3
+    coarse, fine = slic_layers(image, foreground, (1.0, 1.0, 1.0), dataclasses.replace(s, slic_segments=(12, 120)))
+    for layer in (coarse, fine):
+        assert layer.shape == foreground.shape and not layer[~foreground].any()
+        assert np.count_nonzero(layer[foreground]) > 0.95 * foreground.sum()
+    assert 4 <= len(np.unique(coarse[foreground])) <= 30 and len(np.unique(fine[foreground])) > 40
+
+
 def test_shards_partition_the_cases():
     from mass_nnu.errors import MassError
     from mass_nnu.proposals.run import parse_shard, shard_cases

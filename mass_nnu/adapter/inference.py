@@ -85,6 +85,15 @@ def preprocess(data: np.ndarray, seg: np.ndarray | None, properties: dict, plans
     return preprocessor.run_case_npy(data, seg, dict(properties), plans.manager, plans.configuration, dataset_json)
 
 
+def preprocess_case_to_files(image_files: list[str], seg_file: str | None, output_truncated: str, plans: Plans,
+                             dataset_json: dict) -> None:
+    """One case as ``nnUNetv2_preprocess`` runs it: read, transpose, crop, normalise, resample, sample the
+    foreground locations, write ``<output_truncated>.b2nd`` (+ ``_seg.b2nd``, ``.pkl``)."""
+    preprocessor = plans.configuration.preprocessor_class(verbose=False)
+    preprocessor.run_case_save(output_truncated, [str(f) for f in image_files], None if seg_file is None else
+                               str(seg_file), plans.manager, plans.configuration, dataset_json)
+
+
 def pad_to_patch(array, patch_size):
     """Pad (C, *S) with zeros (centred, like nnU-Net's predictor) to at least the patch size; returns the slicer back."""
     return pad_nd_image(array, tuple(patch_size), "constant", None, True)

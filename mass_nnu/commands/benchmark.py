@@ -22,15 +22,18 @@ def benchmark(
     out: Optional[str] = typer.Option(None, "-o", help="Output folder (default: $nnUNet_results/<Dataset>/mass_benchmark)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the plans' batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial fine-tuning learning rate (default 1e-2)."),
+    method_lr: List[str] = typer.Option([], "--method-lr", help="METHOD=LR: that method's own learning rate (e.g. "
+                                        "scratch=0.03, tuned on validation); repeat the flag."),
     head: str = typer.Option("auto", "--head", help="MASS fine-tuning head: incontext, new or auto (see mass finetune)."),
 ) -> None:
     """Fine-tune MASS, the from-scratch twin and the ablations per budget and seed; write results.csv/json, a table
     (with paired differences and in-context diagnostics) and a plot."""
-    from mass_nnu.evaluation.label_efficiency import run_benchmark
+    from mass_nnu.evaluation.label_efficiency import parse_method_lr, run_benchmark
     from mass_nnu.finetuning.settings import FinetuneSettings
 
     schedule = FinetuneSettings(num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch, initial_lr=lr,
                                 batch_size=batch_size, mirroring=False, head=head)
     methods = list(methods) + (["incontext"] if incontext else [])
-    table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, methods, device, out, split)
+    table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, methods, device, out, split,
+                          parse_method_lr(method_lr))
     typer.echo(table)

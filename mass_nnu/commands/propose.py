@@ -23,12 +23,18 @@ def propose(
                                                "downsampled, never upsampled); 0 = the raw grid."),
     sam2_spacing: float = typer.Option(1.5, "--sam2-spacing", min=0,
                                        help="SAM 2 backend: working grid in mm (the paper's 1.5); 0 = the raw grid."),
+    half_splits: bool = typer.Option(True, "--half-splits/--no-half-splits",
+                                     help="Supervoxel backend: also split each intensity class into halves along the "
+                                          "foreground's principal axes."),
+    core_depth: float = typer.Option(10.0, "--core-depth", min=0,
+                                     help="Supervoxel backend: also propose each class's part deeper than this many "
+                                          "mm inside the foreground; 0 = off."),
 ) -> None:
     """Write proposals to $nnUNet_raw/<Dataset>/proposalsTr/<case>.b2nd + .json (reruns skip finished cases)."""
     from mass_nnu.proposals.run import evaluate_recall, propose_dataset
 
     summary = propose_dataset(dataset, backend, shard, seed, sam2_checkpoint, sam2_config, device, num_processes,
-                              out_id, working_spacing or None, sam2_spacing or None)
+                              out_id, working_spacing or None, sam2_spacing or None, half_splits, core_depth)
     typer.echo(f"proposals ({summary['dataset']}): {summary['cases_done']} cases written, "
                f"{summary['cases_skipped']} already done, "
                f"{summary['proposals_per_case']:.0f} proposals/case, {summary['seconds_per_case']:.1f} s/case"

@@ -99,9 +99,11 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
     return cells
 
 
-def _finetune_cell(dataset: Dataset, weights, configuration, fold, device, settings: FinetuneSettings):
+def _finetune_cell(dataset: Dataset, weights, configuration, fold, device, settings: FinetuneSettings,
+                   method_lr: dict[str, float]):
     def run_one(method: str, num_labeled: int, seed: int, test: bool, resume: bool) -> dict:
         cell_settings = replace(settings, num_labeled=num_labeled, seed=seed,
+                                initial_lr=method_lr.get(method, settings.initial_lr),
                                 random_init=True if method == "random-init" else None)
         results = finetune_dataset(dataset, cell_settings, weights=weights, scratch=method == "scratch",
                                    configuration=configuration, fold=fold, device=device, continue_training=resume,
@@ -179,14 +181,33 @@ def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], v
     return run_one
 
 
+def parse_method_lr(pairs: Sequence[str]) -> dict[str, float]:
+    """'scratch=0.03' (repeatable) -> {"scratch": 0.03}: a fine-tuned method's own initial learning rate."""
+    rates = {}
+    for pair in pairs:
+        method, _, value = pair.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if method not in FINETUNED or rate <= 0 or method in rates:
+            raise MassError(f"--method-lr '{pair}': expected METHOD=LR once per method, METHOD one of "
+                            f"{', '.join(FINETUNED)} and LR > 0")
+        rates[method] = rate
+    return rates
+
+
 def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule: FinetuneSettings,
                   configuration: str = "3d_fullres", fold: str = "0", methods: Sequence[str] = ("mass", "scratch"),
-                  device: str = "cpu", out: str | None = None, split: str = "validation") -> str:
+                  device: str = "cpu", out: str | None = None, split: str = "validation",
+                  method_lr: dict[str, float] | None = None) -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table.
-    ``schedule`` is every fine-tuned cell's training (the budget and seed are the cell's). ``split``: the figure
-    reported, "validation" (the fold's validation cases; for every choice) or "test" (imagesTs, scored once)."""
+    ``schedule`` is every fine-tuned cell's training (the budget and seed are the cell's); ``method_lr`` overrides
+    its learning rate per method (each tuned on validation). ``split``: the figure reported, "validation" (the
+    fold's validation cases; for every choice) or "test" (imagesTs, scored once)."""
     dataset = Dataset.resolve(dataset)
     methods = check_methods(methods)
+    method_lr = dict(method_lr or {})
     if split not in SPLITS:
         raise MassError(f"--split {split}: choose {' or '.join(SPLITS)}")
     if fold == "all":
@@ -204,21 +225,27 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule
         raise MassError(f"{weights_path}: --methods random-init is the in-context head from random weights; it needs "
                         f"the full MASS checkpoint of a 'mass pretrain' folder (head here: {head})")
     schedule = replace(schedule, head=head)
-    common = {"weights": str(weights_path), "configuration": configuration, "fold": str(fold)}
+    common = {"configuration": configuration, "fold": str(fold)}
     trained = {**common, "epochs": schedule.num_epochs, "iterations_per_epoch": schedule.num_iterations_per_epoch,
-               "batch_size": schedule.batch_size, "learning_rate": schedule.initial_lr,
-               "mirroring": bool(schedule.mirroring)}
+               "batch_size": schedule.batch_size, "mirroring": bool(schedule.mirroring)}
+
+    def lr_of(method: str) -> dict:
+        return {"learning_rate": method_lr.get(method, schedule.initial_lr)}
+
+    # scratch never reads the weights, only the plans they were trained with
     per_method = {
-        "mass": {**trained, "method": "mass", "head": head},
-        "scratch": {**trained, "method": "scratch", "head": "nnunet"},
-        "random-init": {**trained, "method": "random-init", "head": "incontext", "random_init": True},
-        "incontext": {**common, "method": "incontext", "references": "the cell's labelled cases",
+        "mass": {**trained, **lr_of("mass"), "weights": str(weights_path), "method": "mass", "head": head},
+        "scratch": {**trained, **lr_of("scratch"), "plans": checkpoint["plans_identifier"], "method": "scratch",
+                    "head": "nnunet"},
+        "random-init": {**trained, **lr_of("random-init"), "weights": str(weights_path), "method": "random-init",
+                        "head": "incontext", "random_init": True},
+        "incontext": {**common, "weights": str(weights_path), "method": "incontext", "references": "the cell's labelled cases",
                       "ensemble_k": list(ENSEMBLE_K), "pairing": "tokens rotated by one class"},
     }
     cells = []
     finetuned = [m for m in methods if m in FINETUNED]
     if finetuned:
-        finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule)
+        finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule, method_lr)
         cells += run_cells(out_dir, parsed, seeds, finetuned, finetune, per_method.get, split)
     if "incontext" in methods:
         run_ic = _incontext_cell(dataset, weights_path, device, train_cases, val_cases)

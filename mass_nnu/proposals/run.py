@@ -89,15 +89,20 @@ def _link_or_copy(src, dst):
 
 
 def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_config: str | None, device: str,
-                 working_spacing_mm: float | None = 2.0, sam2_spacing_mm: float | None = 1.5):
+                 working_spacing_mm: float | None = 2.0, sam2_spacing_mm: float | None = 1.5,
+                 half_splits: bool = True, core_depth_mm: float = 10.0):
     """A function (image array (Z, Y, X), spacing (z, y, x) mm) -> uint16 layers (L, *S_w) on the backend's working
     grid (same field of view as the image; ``store.write_proposals`` maps them to the raw grid). ``working_spacing_mm`` is the
-    supervoxel backend's grid, ``sam2_spacing_mm`` the SAM 2 backend's (None / 0: the raw grid)."""
+    supervoxel backend's grid, ``sam2_spacing_mm`` the SAM 2 backend's (None / 0: the raw grid); ``half_splits`` and
+    ``core_depth_mm`` are the supervoxel backend's two shape rules (docs/proposals.md)."""
     for name, value in (("--working-spacing", working_spacing_mm), ("--sam2-spacing", sam2_spacing_mm)):
         if value is not None and value < 0:
             raise MassError(f"{name} {value}: expected a spacing in mm > 0 (or 0 for the raw grid)")
+    if core_depth_mm < 0:
+        raise MassError(f"--core-depth {core_depth_mm}: expected a depth in mm > 0 (or 0 to turn the rule off)")
     if backend == "supervoxel":
-        settings = SupervoxelSettings(seed=seed, working_spacing_mm=working_spacing_mm or None)
+        settings = SupervoxelSettings(seed=seed, working_spacing_mm=working_spacing_mm or None,
+                                      half_splits=half_splits, core_depth_mm=core_depth_mm)
         return partial(supervoxel_proposals, settings=settings), settings.as_dict()
     if backend == "sam2":
         settings = Sam2Settings(working_spacing_mm=sam2_spacing_mm or None)
@@ -109,7 +114,8 @@ def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_conf
 def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = None, seed: int = 0,
                     sam2_checkpoint: str | None = None, sam2_config: str | None = None, device: str = "cpu",
                     num_processes: int = 1, out_id=None, working_spacing_mm: float | None = 2.0,
-                    sam2_spacing_mm: float | None = 1.5) -> dict:
+                    sam2_spacing_mm: float | None = 1.5, half_splits: bool = True,
+                    core_depth_mm: float = 10.0) -> dict:
     """Write proposals for every (sharded) case that has none yet, into ``out_id``'s raw folder if given (see
     ``output_dataset``). Returns a summary dict."""
     dataset = Dataset.resolve(dataset)
@@ -123,7 +129,7 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
         raise MassError(f"{cases[case][0]}: the case id '{case}' is reserved (proposalsTr/{case}.json is the "
                         f"run summary); rename the case")
     run_one, params = make_backend(backend, seed, sam2_checkpoint, sam2_config, device, working_spacing_mm,
-                                   sam2_spacing_mm)
+                                   sam2_spacing_mm, half_splits, core_depth_mm)
     out = output_dataset(dataset, out_id)
     pending = [(case, cases[case][0], proposal_path(out, case)) for case in todo
                if find_proposals(proposal_dir(out), case) is None]  # done: complete .b2nd + .json, or an old .npz
@@ -132,9 +138,9 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
     jobs = [(run_one, image_path, path, backend, params) for _, image_path, path in pending]
     if num_processes > 1 and backend == "supervoxel" and len(jobs) > 1:
         pool = ProcessPoolExecutor(num_processes)
-        results = pool.map(_propose_case, jobs)
+        results = pool.map(propose_case, jobs)
     else:
-        pool, results = None, map(_propose_case, jobs)
+        pool, results = None, map(propose_case, jobs)
     try:
         for (case, image_path, _), (count, secs) in tqdm(zip(pending, results), total=len(pending),
                                                           desc=f"proposals ({backend})", unit="case", disable=None):
@@ -154,8 +160,10 @@ def propose_dataset(dataset, backend: str = "supervoxel", shard: str | None = No
     return summary
 
 
-def _propose_case(job) -> tuple[int, float]:
-    """One case: read, propose, write atomically. Returns (number of proposals, seconds)."""
+def propose_case(job) -> tuple[int, float]:
+    """One case, as ``mass propose`` runs it: read, propose, write atomically. ``job`` is (backend function of
+    ``make_backend``, image path, output path, backend name, its params). Returns (number of proposals, seconds
+    of the backend itself)."""
     run_one, image_path, out_path, backend, params = job
     image = read_image(image_path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)

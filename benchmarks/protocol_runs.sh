@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CPU benchmark runs behind docs/benchmarks.md (issues 14-16), resumable: every finished cell is kept, so
+# rerunning a stage continues where it stopped. Validation split only; the test set is scored once, by the stage
+# `test`, after every choice is made.
+#
+#   bash benchmarks/protocol_runs.sh setup            # data, plans, proposals with the rules on (501) and off (521)
+#   bash benchmarks/protocol_runs.sh pretrain-on      # 900 steps on 501 (rules on); pretrain-off: on 521
+#   bash benchmarks/protocol_runs.sh on-502 [SEEDS]   # mass, scratch, incontext on 502 (also on-503, off-502, off-503)
+#   bash benchmarks/protocol_runs.sh random-init-502 [SEEDS]   # the random-init ablation (also random-init-503)
+#   bash benchmarks/protocol_runs.sh scratch-lr-502 LR          # scratch at another lr, budgets 1 and all, seed 0
+#   bash benchmarks/protocol_runs.sh test-502         # once, at the end: the test Dice of every rules-on cell
+#   bash benchmarks/protocol_runs.sh collect          # copy tables and cells into benchmarks/results/
+#
+# Environment: BENCH (workspace, default /work/bench), PYTHON_BIN (the mass-nnu venv's bin folder, default .venv/bin).
+# Rules off uses its own preprocessed and results folders (same raw data), so its fine-tuned models never clash with
+# the rules-on ones. One thread per run: two stages side by side use the two cores of the CI-like machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+BIN=${PYTHON_BIN:-$REPO/.venv/bin}
+BENCH=${BENCH:-/work/bench}
+MRICRON_DEB=${MRICRON_DEB:-}
+mkdir -p "$BENCH/logs" "$BENCH/out"
+export nnUNet_raw=$BENCH/raw nnUNet_n_proc_DA=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPLBACKEND=Agg
+PLANS=nnUNetResEncUNetMPlans_f8
+PRESET=(--epochs 20 --iters-per-epoch 12 --batch-size 2)
+BUDGETS=(--budgets 1 --budgets 2 --budgets all)
+weights() { echo "$BENCH/res/Dataset$1_MNIPretrain/MASSPretrainer__${PLANS}__3d_fullres"; }
+rules() {  # on | off: the workspace of that pretraining run
+  export nnUNet_preprocessed=$BENCH/pp nnUNet_results=$BENCH/res
+  if [[ $1 == off ]]; then export nnUNet_preprocessed=$BENCH/pp_off nnUNet_results=$BENCH/res_off; fi
+}
+bench() {  # NAME RULES DOWNSTREAM [benchmark options...]
+  local name=$1 mode=$2 ds=$3; shift 3
+  local w; w=$(weights "$([[ $mode == on ]] && echo 501 || echo 521)")
+  rules "$mode"
+  "$BIN/mass" benchmark -d "$ds" -w "$w" "${PRESET[@]}" -o "$BENCH/out/$name" "$@" 2>&1 | tee -a "$BENCH/logs/$name.log"
+}
+stage=${1:?stage}
+case $stage in
+  setup)
+    rules on
+    "$BIN/mass" demo-data --small ${MRICRON_DEB:+--atlas-deb "$MRICRON_DEB"}
+    "$BIN/mass" plan -d 501 --target-dataset 502 --base-features 8 -np 2
+    "$BIN/mass" propose -d 501 -np 2
+    "$BIN/mass" propose -d 501 -np 2 --out-id 521 --no-half-splits --core-depth 0   # the label-shaped rules off
+    "$BIN/mass" plan -d 521 --target-dataset 502 --base-features 8 -np 2 ;;
+  pretrain-on|pretrain-off)
+    id=$([[ $stage == pretrain-on ]] && echo 501 || echo 521)
+    rules on  # both pretrained models live in $BENCH/res; only the fine-tuning differs by workspace
+    resume=$([[ -f $(weights $id)/fold_all/checkpoint_latest.pth ]] && echo --c || true)
+    nnUNet_n_proc_DA=1 "$BIN/mass" pretrain -d $id -p $PLANS --epochs 30 --iters-per-epoch 30 --seed 0 -np 1 $resume \
+      2>&1 | tee -a "$BENCH/logs/pretrain_$id.log" ;;
+  on-502|on-503|off-502|off-503)
+    mode=${stage%-*} ds=${stage#*-}
+    methods=(--methods mass --methods incontext)
+    [[ $mode == on ]] && methods+=(--methods scratch)  # scratch does not depend on the proposals
+    bench "${mode}_$ds" "$mode" "$ds" "${BUDGETS[@]}" --seeds "${2:-2}" "${methods[@]}" ;;
+  random-init-502|random-init-503)
+    bench "on_${stage#random-init-}" on "${stage#random-init-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods random-init ;;
+  scratch-lr-502|scratch-lr-503)
+    lr=${2:?learning rate}
+    bench "scratch_lr${lr}_${stage#scratch-lr-}" on "${stage#scratch-lr-}" --budgets 1 --budgets all --seeds 1 \
+      --methods scratch \
+      --method-lr "scratch=$lr" ;;
+  test-502|test-503)
+    bench "on_${stage#test-}" on "${stage#test-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
+      --methods random-init --methods incontext --split test ;;
+  collect)
+    for run in "$BENCH"/out/*/; do
+      name=$(basename "$run") dest=$REPO/benchmarks/results/$name
+      mkdir -p "$dest/cells"
+      cp "$run"/results.{md,json,csv} "$dest/" 2>/dev/null || true
+      cp "$run"/cells/*.json "$dest/cells/" 2>/dev/null || true
+    done ;;
+  *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
+esac
