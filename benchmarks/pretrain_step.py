@@ -65,6 +65,7 @@ def run_mass(args) -> dict:
 
     settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps, val_iterations=1,
                                 batch_size=args.batch_size, num_workers=args.np, seed=0, compile=args.compile,
+                                activation_checkpointing=args.activation_checkpointing,
                                 memory_check=False)
     trainer = MASSPretrainer([args.d], args.p, args.c, settings, args.device,
                              output=os.path.join(args.scratch, "mass"))
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("-np", type=int, default=2, help="data-loading workers of the MASS side")
     parser.add_argument("-device", default="cpu")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="MASS side: mass pretrain --activation-checkpointing (reference encoder recomputed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (MASS: --compile; "
                                                                    "nnU-Net: nnUNet_compile=true)")
     parser.add_argument("--scratch", default=None, help="folder for the throw-away trainer outputs")
@@ -157,7 +160,8 @@ def main() -> None:
     mass, nnunet = results["mass"], results["nnunet"]
     figures = {"P1": mass["step_s"] / nnunet["step_s"], "P3": mass["wait_fraction"],
                "P5": mass["peak_mb"] / max(nnunet["peak_mb"], 1e-6)}
-    print(f"device {args.device}{', compiled' if args.compile else ''}, patch {mass['patch']}, batch {args.batch_size}, "
+    print(f"device {args.device}{', compiled' if args.compile else ''}"
+          f"{', MASS with activation checkpointing' if args.activation_checkpointing else ''}, patch {mass['patch']}, batch {args.batch_size}, "
           f"{args.steps} timed steps "
           f"(+{args.warmup} warm-up), -np {args.np}")
     print(f"{'':28s}{'MASS':>12s}{'nnU-Net':>12s}")

@@ -247,4 +247,5 @@ def test_refuses_a_step_that_cannot_fit_in_one_line(experiment_env, tmp_path, ru
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mass: error: pretraining needs about")
     assert "GiB is available" in lines[0] and "smaller patch" in lines[0] and "--no-memory-check" in lines[0]
+    assert "--activation-checkpointing" in lines[0]
     assert not out.exists() or not list(out.glob("checkpoint_*.pth"))

@@ -135,6 +135,31 @@ def test_gradients_reach_every_trainable_part(plans, mode):
                    if n.startswith(part)), part
 
 
+def test_checkpointed_reference_gives_the_same_step_with_fewer_saved_activations(plans):
+    """--activation-checkpointing: the same loss and gradients (the reference's encoder pass is recomputed in
+    backward), and the memory estimate's saved activations drop by at least the reference encoder's."""
+    from mass_nnu.pretraining.memory import estimate_memory
+
+    torch.manual_seed(0)
+    model = build_mass_model(plans, "3d_fullres", 1)
+    image, masks = blobs()
+    query = torch.roll(image, 3, dims=1)[None]
+    grads = []
+    for flag in (False, True):  # two encoder passes (reference, then query), without and with the checkpoint
+        model.zero_grad()
+        model.checkpoint_reference = flag
+        out = model(image[None], masks[None], query) if flag else \
+            model.segment(query, model.encode_task(image[None], masks[None]))
+        loss = InContextLoss()(out, masks[None])
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, g0), (loss1, g1) = grads
+    assert torch.allclose(loss0, loss1) and g0.keys() == g1.keys() and len(g0) > 50
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-8) for n in g0)
+    plain, lean = (estimate_memory(plans, "3d_fullres", 1, {}, 2, 4, checkpoint_reference=c) for c in (False, True))
+    assert lean.activations < 0.85 * plain.activations and lean.state == plain.state
+
+
 def test_output_depends_on_the_reference_mask(plans):
     torch.manual_seed(0)
     model = build_mass_model(plans, "3d_fullres", 1).eval()

@@ -23,6 +23,7 @@ def pretrain(
     num_processes: Optional[int] = typer.Option(None, "-np", min=0, help="Data-loading workers (default: nnUNet_n_proc_DA or 2)."),
     seed: int = typer.Option(0, "--seed"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute the reference view's encoder pass in backward instead of keeping its activations: less memory, one more encoder forward per step."),
     output: Optional[str] = typer.Option(None, "-o", help="Output folder (default: nnU-Net's results layout)."),
     memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="Estimate the step's peak memory before the first step and stop with one line if it cannot fit."),
 ) -> None:
@@ -37,6 +38,7 @@ def pretrain(
     settings = PretrainSettings(epochs=epochs, iterations_per_epoch=iters_per_epoch, val_iterations=val_iters,
                                 batch_size=batch_size, lr=lr, optimizer=optimizer, ema_decay=ema, seed=seed,
                                 num_workers=workers, compile=compile, max_tasks=max_tasks,
+                                activation_checkpointing=activation_checkpointing,
                                 memory_check=memory_check)
     folder = run(dataset, plans, configuration, settings, device, resume, Path(output) if output else None)
     typer.echo(f"pretrained weights: {folder / 'nnunet_pretrained_weights.pth'}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mass_nnu.adapter.networks import build_network, unet_parts
 from mass_nnu.errors import MassError
@@ -89,6 +90,9 @@ class MASSModel(nn.Module):
         # seg_layers stay in the state dict (weight transfer) but are unused: freeze them for DDP and optimisers
         backbone.decoder.seg_layers.requires_grad_(False)
         self._has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+        # training option, not architecture: recompute the reference's encoder pass in backward instead of
+        # keeping its activations (one more encoder forward per step; see docs/pretraining.md, memory)
+        self.checkpoint_reference = False
 
     @staticmethod
     def _init_added(*modules):
@@ -120,7 +124,11 @@ class MASSModel(nn.Module):
     def forward(self, ref_image, ref_masks, query_image, valid: torch.Tensor | None = None,
                 deep_supervision: bool | None = None) -> list[torch.Tensor]:
         """encode_task + segment; reference and query share one encoder pass when their shapes agree (instance
-        norm is per sample, so this equals two passes)."""
+        norm is per sample, so this equals two passes). With ``checkpoint_reference`` (while gradients are on) the
+        reference's pass is checkpointed: its activations are recomputed in backward, not kept."""
+        if self.checkpoint_reference and torch.is_grad_enabled():
+            tokens = checkpoint(self.encode_task, ref_image, ref_masks, valid, use_reentrant=False)
+            return self.segment(query_image, tokens, deep_supervision)
         if ref_image.shape != query_image.shape or self._has_batch_norm:
             return self.segment(query_image, self.encode_task(ref_image, ref_masks, valid), deep_supervision)
         b = ref_image.shape[0]

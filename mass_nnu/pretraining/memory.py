@@ -77,11 +77,15 @@ def available_memory(device: torch.device) -> int:
 
 
 def estimate_memory(plans: dict, configuration: str, num_channels: int, mass_config: dict, batch_size: int,
-                    max_tasks: int, device_type: str = "cpu", patch_size=None) -> MemoryEstimate:
-    """The peak of one training step (see the module docstring); nothing is allocated."""
+                    max_tasks: int, device_type: str = "cpu", patch_size=None,
+                    checkpoint_reference: bool = False) -> MemoryEstimate:
+    """The peak of one training step (see the module docstring); nothing is allocated. With
+    ``checkpoint_reference`` the reference's encoder activations are not saved (recomputed in backward, when most
+    of the decoder's are already freed), so they drop out of the sum."""
     patch = tuple(int(p) for p in (patch_size or plans["configurations"][configuration]["patch_size"]))
     with torch.device("meta"):
         model = build_mass_model(plans, configuration, num_channels, **mass_config).train()
+        model.checkpoint_reference = checkpoint_reference
         images = torch.zeros((batch_size, num_channels, *patch))
         masks = torch.zeros((batch_size, max_tasks, *patch))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -103,12 +107,14 @@ def estimate_memory(plans: dict, configuration: str, num_channels: int, mass_con
     return MemoryEstimate(param_bytes, param_bytes * 2 + trainable * 3, activations, batch)
 
 
-def check_memory(estimate: MemoryEstimate, available: int, device: torch.device, batch_size: int, patch) -> None:
+def check_memory(estimate: MemoryEstimate, available: int, device: torch.device, batch_size: int, patch,
+                 checkpoint_reference: bool = False) -> None:
     """One MassError line when the estimate does not fit into ``available``."""
     if estimate.total <= available:
         return
     patch = "×".join(str(int(p)) for p in patch)
     ways = [f"--batch-size {max(batch_size // 2, 1)}" if batch_size > 1 else None,
+            None if checkpoint_reference else "--activation-checkpointing",
             "a smaller patch (plans with a smaller patch_size)", "-device cuda" if device.type == "cpu" else None,
             "--no-memory-check to try anyway"]
     raise MassError(f"pretraining needs about {estimate.total / GIB:.1f} GiB on {device.type} (batch {batch_size}, "

@@ -58,6 +58,7 @@ class PretrainSettings:
     seed: int = 0
     num_workers: int = 0
     compile: bool = False
+    activation_checkpointing: bool = False  # the reference's encoder pass recomputed in backward (less memory)
     max_tasks: int = 13
     mass_config: dict = field(default_factory=dict)
     memory_check: bool = True       # estimate the step's peak memory first and refuse one that cannot fit
@@ -125,6 +126,7 @@ class MASSPretrainer:
         self.num_channels = len(self.dataset_json["channel_names"])
         torch.manual_seed(settings.seed)
         self.model = build_mass_model(self.plans, configuration, self.num_channels, **settings.mass_config)
+        self.model.checkpoint_reference = settings.activation_checkpointing
         self.fingerprint = architecture_fingerprint(self.model.backbone.state_dict())
         self._check_datasets(plans_identifier)
         self.model.to(self.device)
@@ -191,12 +193,13 @@ class MASSPretrainer:
             return
         s = self.settings
         estimate = estimate_memory(self.plans, self.configuration, self.num_channels, self.model.mass_config(),
-                                   s.batch_size, s.max_tasks, self.device.type)
+                                   s.batch_size, s.max_tasks, self.device.type,
+                                   checkpoint_reference=s.activation_checkpointing)
         available = available_memory(self.device)
         patch = self.plans["configurations"][self.configuration]["patch_size"]
         self.log(f"memory: estimated peak {estimate.total / 2 ** 30:.1f} GiB, available "
                  f"{available / 2 ** 30:.1f} GiB ({self.device.type})")
-        check_memory(estimate, available, self.device, s.batch_size, patch)
+        check_memory(estimate, available, self.device, s.batch_size, patch, s.activation_checkpointing)
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, *parts) -> None:
