@@ -70,6 +70,20 @@ def test_working_grid_round_trip_and_table(tmp_path):
     assert np.array_equal(read_proposals(tmp_path / "c.b2nd")[0], same)
 
 
+def test_table_from_the_working_grid_equals_the_raw_table():
+    """write_proposals computes the raw-grid table on the working grid (multiplicities, mapped boxes): the same rows
+    as on the mapped layer, for any downsampling factors; an upsampled axis falls back (None)."""
+    from mass_nnu.grids import resample_nearest
+    from mass_nnu.proposals.store import layer_table, mapped_layer_table
+
+    rng = np.random.default_rng(1)
+    for working_shape, raw_shape in (((5, 6, 7), (10, 18, 14)), ((7, 9, 4), (13, 31, 11)), ((3, 3, 3), (3, 4, 5))):
+        layer = _blocks(rng, working_shape, 1, labels=20)[0]
+        expected = layer_table(resample_nearest(layer, raw_shape), 2)
+        assert np.array_equal(mapped_layer_table(layer, 2, raw_shape), expected)
+    assert mapped_layer_table(np.ones((4, 4, 4), np.uint16), 0, (4, 8, 2)) is None
+
+
 def test_crops_equal_slices_of_the_full_array(tmp_path):
     from mass_nnu.proposals.store import chunk_shapes, open_proposals, write_proposals
 

@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.errors import MassError
-from mass_nnu.grids import resample_nearest
+from mass_nnu.grids import nearest_indices, resample_nearest
 from mass_nnu.io import atomic_path, remove_stale_temporaries
 
 FOLDER = "proposalsTr"
@@ -131,12 +131,37 @@ def layer_table(layer: np.ndarray, index: int) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
 
 
+def mapped_layer_table(layer: np.ndarray, index: int, shape) -> np.ndarray | None:
+    """``layer_table(resample_nearest(layer, shape), index)`` computed on the (smaller) working-grid ``layer``:
+    each working voxel counts as many raw voxels as map onto it (the product of the per-axis multiplicities) and a
+    bounding box maps to the raw voxels whose source lies inside it. Exact when every working voxel has a raw
+    voxel (no axis upsampled); None otherwise (then compute it on the raw layer)."""
+    shape = tuple(int(n) for n in shape)
+    sources = [nearest_indices(n_w, n) for n_w, n in zip(layer.shape, shape)]
+    multiplicity = [np.bincount(src, minlength=n_w) for src, n_w in zip(sources, layer.shape)]
+    if any(not m.all() for m in multiplicity):
+        return None
+    top = int(layer.max()) if layer.size else 0
+    plane = np.multiply.outer(multiplicity[1], multiplicity[2]).astype(np.float64).ravel()
+    sizes = np.zeros(top + 1, np.float64)
+    for z in range(layer.shape[0]):  # float64 sums of integers: exact below 2**53 voxels
+        sizes += np.bincount(layer[z].ravel(), weights=plane * multiplicity[0][z], minlength=top + 1)
+    rows = []
+    for label, box in enumerate(ndimage.find_objects(layer), start=1):
+        if box is not None:
+            low = [int(np.searchsorted(src, b.start)) for src, b in zip(sources, box)]
+            high = [int(np.searchsorted(src, b.stop)) for src, b in zip(sources, box)]
+            rows.append([index, label, int(round(sizes[label])), *low, *high])
+    return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
+
+
 def write_layers(path: str | os.PathLike, count: int, shape, layer_of: Callable[[int], np.ndarray], meta: dict,
-                 patch=None) -> np.ndarray:
+                 patch=None, table_of: Callable[[int], np.ndarray | None] | None = None) -> np.ndarray:
     """Write ``count`` layers of ``shape`` (``layer_of(i)``, called one at a time, so memory holds one layer) as
     ``<case>.b2nd`` chunked for crops of ``patch``, then ``<case>.json`` with ``meta`` and the table computed on
-    the way. Both go to temporary names first; the array is renamed, then the table (an old table is removed
-    first, an old ``.npz`` last). Returns the table."""
+    the way (``table_of(i)`` when it gives layer i's rows, else from the written layer). Both go to temporary names
+    first; the array is renamed, then the table (an old table is removed first, an old ``.npz`` last). Returns the
+    table."""
     array_path, table_path, legacy = case_paths(path)
     shape = tuple(int(s) for s in shape)
     blocks, chunks = chunk_shapes(shape, patch or DEFAULT_PATCH)
@@ -156,7 +181,8 @@ def write_layers(path: str | os.PathLike, count: int, shape, layer_of: Callable[
                     raise ValueError(f"layer {index}: labels outside 0..65535 do not fit uint16")
                 layer = layer.astype(np.uint16)
             out[index] = np.ascontiguousarray(layer)
-            rows.append(layer_table(layer, index))
+            known = table_of(index) if table_of is not None else None
+            rows.append(layer_table(layer, index) if known is None else known)
             del layer
         del out  # closes the blosc2 frame before it is synced and renamed
         table = np.concatenate(rows) if rows else np.zeros((0, len(COLUMNS)), np.int64)
@@ -178,7 +204,9 @@ def write_proposals(path: str | os.PathLike, layers: np.ndarray, geometry: dict,
     meta = {"geometry": {key: [float(v) if key != "shape" else int(v) for v in geometry[key]]
                          for key in ("shape", "spacing", "origin", "direction")},
             "backend": backend, "params": params, "working_shape": [int(s) for s in layers.shape[1:]]}
-    return write_layers(path, len(layers), shape, lambda i: resample_nearest(layers[i], shape), meta, patch)
+    same = tuple(layers.shape[1:]) == shape
+    return write_layers(path, len(layers), shape, lambda i: resample_nearest(layers[i], shape), meta, patch,
+                        None if same else lambda i: mapped_layer_table(layers[i], i, shape))
 
 
 @dataclass
