@@ -1,7 +1,7 @@
 """Per-sample CPU cost of pretraining data at real size: the old whole-volume path against the current sampler.
 
     python benchmarks/pretrain_data.py -d 720 [-p nnUNetResEncUNetMPlans] [-c 3d_fullres] [--patch 128 128 128]
-           [--max-tasks 13] [--samples 4] [--warmup 1] [--seed 0]
+           [--max-tasks 13] [--samples 4] [--warmup 1] [--seed 0] [--p4-cases 1] [--working-spacing 2.0]
 
 The dataset must be planned (``mass plan -d ID``) and proposed (``mass propose -d ID``). ``--patch`` overrides the
 plans' patch (default 128³, the paper's); ``--patch 0`` keeps the plans' one. 12 proposal tasks + the all-ones task
@@ -15,6 +15,9 @@ plans' patch (default 128³, the paper's); ``--patch 0`` keeps the plans' one. 1
   preprocessed image and of the whole proposal stack per sample, in-crop counts from the full layers, masks of the
   chosen tasks on the full volume, then the two context crops and the same augmentation draws with every mask as its
   own segmentation channel (the new path packs 8 masks per channel as bits; nearest resampling makes that exact).
+
+Then P4 on the first ``--p4-cases`` images: proposals per volume against nnU-Net's preprocessing of the same
+volume, compute and end to end (``benchmarks/proposals_vs_preprocessing.py``, which documents both).
 
 Peak memory = growth of the peak resident set over the resident set before the first timed sample (warm-up
 included in neither). With ``--aug-split`` the new path also reports the spatial and the intensity parts of each view.
@@ -177,6 +180,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aug-split", action="store_true", help="also time the spatial part of the augmentation")
+    parser.add_argument("--p4-cases", type=int, default=1, help="then P4 on this many cases (0: skip)")
+    parser.add_argument("--working-spacing", type=float, default=2.0, help="P4: the proposals' working grid (mm)")
     parser.add_argument("--part", choices=("old", "new"), help="run one side only and print its JSON")
     args = parser.parse_args()
     if args.part:
@@ -205,6 +210,16 @@ def main() -> None:
         print(f"new augmentation: spatial {med['new']['spatial']:.3f} s, intensity {med['new']['intensity']:.3f} s")
     print(f"new total {med['new']['total']:.3f} s per sample (target ≤ 1.0): "
           f"{'met' if med['new']['total'] <= 1.0 else 'MISSED'}")
+    if args.p4_cases:  # proposals per volume against nnU-Net's preprocessing (benchmarks/proposals_vs_preprocessing.py)
+        from proposals_vs_preprocessing import measure_p4, p4_summary, print_p4
+
+        from mass_nnu.adapter.datasets import Dataset
+
+        rows = measure_p4(Dataset.resolve(args.d), args.p, args.c, args.p4_cases, args.working_spacing or None)
+        print_p4(rows)
+        summary = p4_summary(rows)
+        print(f"P4 end to end {summary['p4_e2e_cpu']:.2f} by CPU time (target ≤ 1): "
+              f"{'met' if summary['p4_e2e_cpu'] <= 1.0 else 'MISSED'}")
 
 
 if __name__ == "__main__":
