@@ -8,6 +8,8 @@
 #   bash benchmarks/protocol_runs.sh on-502 [SEEDS]   # mass, scratch, incontext on 502 (also on-503, off-502, off-503)
 #   bash benchmarks/protocol_runs.sh random-init-502 [SEEDS]   # the random-init ablation (also random-init-503)
 #   bash benchmarks/protocol_runs.sh scratch-lr-502 LR          # scratch at another lr, budgets 1 and all, seed 0
+#   EPOCHS=80 bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]   # mass and scratch, budgets 1 and all
+#   python benchmarks/convergence.py $BENCH/out/on_502 $BENCH/out/conv_e*_502 -o docs/convergence_mni.png
 #   bash benchmarks/protocol_runs.sh test-502         # once, at the end: the test Dice of every rules-on cell
 #   bash benchmarks/protocol_runs.sh collect          # copy tables and cells into benchmarks/results/
 #
@@ -23,7 +25,8 @@ MRICRON_DEB=${MRICRON_DEB:-}
 mkdir -p "$BENCH/logs" "$BENCH/out"
 export nnUNet_raw=$BENCH/raw nnUNet_n_proc_DA=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPLBACKEND=Agg
 PLANS=nnUNetResEncUNetMPlans_f8
-PRESET=(--epochs 20 --iters-per-epoch 12 --batch-size 2)
+EPOCHS=${EPOCHS:-20}  # the CPU preset: 20 × 12 = 240 iterations at batch 2
+PRESET=(--iters-per-epoch 12 --batch-size 2)
 BUDGETS=(--budgets 1 --budgets 2 --budgets all)
 weights() { echo "$BENCH/res/Dataset$1_MNIPretrain/MASSPretrainer__${PLANS}__3d_fullres"; }
 rules() {  # on | off: the workspace of that pretraining run
@@ -34,7 +37,8 @@ bench() {  # NAME RULES DOWNSTREAM [benchmark options...]
   local name=$1 mode=$2 ds=$3; shift 3
   local w; w=$(weights "$([[ $mode == on ]] && echo 501 || echo 521)")
   rules "$mode"
-  "$BIN/mass" benchmark -d "$ds" -w "$w" "${PRESET[@]}" -o "$BENCH/out/$name" "$@" 2>&1 | tee -a "$BENCH/logs/$name.log"
+  "$BIN/mass" benchmark -d "$ds" -w "$w" --epochs "$EPOCHS" "${PRESET[@]}" -o "$BENCH/out/$name" "$@" 2>&1 \
+    | tee -a "$BENCH/logs/$name.log"
 }
 stage=${1:?stage}
 case $stage in
@@ -63,6 +67,10 @@ case $stage in
     bench "scratch_lr${lr}_${stage#scratch-lr-}" on "${stage#scratch-lr-}" --budgets 1 --budgets all --seeds 1 \
       --methods scratch \
       --method-lr "scratch=$lr" ;;
+  convergence-502|convergence-503)  # EPOCHS=80 (960 it.), 167 (2004 it.), ...; 240 it. are the on_<ds> cells
+    ds=${stage#convergence-}
+    [[ $EPOCHS == 20 ]] && { echo "convergence: set EPOCHS (80, 167, ...); 20 is the preset's on_$ds" >&2; exit 2; }
+    bench "conv_e${EPOCHS}_$ds" on "$ds" --budgets 1 --budgets all --seeds "${2:-1}" --methods mass --methods scratch ;;
   test-502|test-503)
     bench "on_${stage#test-}" on "${stage#test-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
       --methods random-init --methods incontext --split test ;;

@@ -1,0 +1,106 @@
+"""Dice against fine-tuning iterations (issue 16, "converged baselines"), from `mass benchmark` output folders.
+
+    python benchmarks/convergence.py OUT_DIR [OUT_DIR ...] -o docs/convergence_mni.png [--split validation|test]
+           [--title "..."]
+
+Each folder is one `mass benchmark` run at one schedule (e.g. `--epochs 20`, `80`, `167` with
+`--iters-per-epoch 12`: 240, 960, 2004 iterations, the same poly schedule shape, batch and patch); the cells'
+settings give the iterations (epochs × iterations per epoch), so the folders may come in any order and may hold
+other methods or budgets too. For every (method, budget) the plot shows the mean Dice over the seeds against
+iterations (log scale), each seed as a dot, and the script prints the same as a Markdown table with the per-seed
+figures. Cells without the requested split are left out (say so). Nothing is trained here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_points(folders: list[Path], split: str) -> tuple[dict, list[str]]:
+    """{(method, budget): {iterations: {seed: dice}}} and the cells skipped for lack of ``split``."""
+    points: dict = defaultdict(lambda: defaultdict(dict))
+    skipped, datasets = [], set()
+    for folder in folders:
+        for path in sorted((folder / "cells").glob("*.json")):
+            cell = json.loads(path.read_text())
+            settings = cell.get("settings", {})
+            if cell["method"] == "incontext" or "epochs" not in settings:
+                continue
+            if split not in cell.get("dice", {}):
+                skipped.append(str(path))
+                continue
+            datasets |= {p for p in Path(cell["model_folder"]).parts if p.startswith("Dataset")}
+            if len(datasets) > 1:
+                raise SystemExit(f"{path}: the folders hold cells of several datasets ({', '.join(sorted(datasets))})")
+            iterations = int(settings["epochs"]) * int(settings["iterations_per_epoch"])
+            points[(cell["method"], cell["budget"])][iterations][int(cell["seed"])] = cell["dice"][split]["mean"]
+    return points, skipped
+
+
+def markdown(points: dict, split: str) -> str:
+    iterations = sorted({i for series in points.values() for i in series})
+    lines = [f"| method | labelled cases | {' | '.join(f'{i} it.' for i in iterations)} |",
+             "| --- | --- | " + " | ".join("---" for _ in iterations) + " |"]
+    for (method, budget), series in sorted(points.items()):
+        cells = []
+        for i in iterations:
+            seeds = series.get(i, {})
+            if not seeds:
+                cells.append("–")
+                continue
+            values = [100 * seeds[s] for s in sorted(seeds)]
+            mean = sum(values) / len(values)
+            cells.append(f"{mean:.1f} ({' / '.join(f'{v:.1f}' for v in values)})")
+        lines.append(f"| {method} | {budget} | {' | '.join(cells)} |")
+    return f"{split} Dice (%), mean over seeds (per seed)\n\n" + "\n".join(lines)
+
+
+def plot(points: dict, out: Path, split: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    styles = {"mass": "C0", "scratch": "C1", "random-init": "C2"}
+    for (method, budget), series in sorted(points.items()):
+        xs = sorted(series)
+        means = [100 * sum(series[x].values()) / len(series[x]) for x in xs]
+        ax.plot(xs, means, marker="o", color=styles.get(method, "C3"), linestyle="-" if budget == "all" else "--",
+                label=f"{method}, {budget} label(s)" if budget != "all" else f"{method}, all labels")
+        for x in xs:
+            ax.scatter([x] * len(series[x]), [100 * v for v in series[x].values()], s=10,
+                       color=styles.get(method, "C3"), alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning iterations (batch 2)")
+    ax.set_ylabel(f"{split} Dice (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("-o", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--split", default="validation", choices=("validation", "test"))
+    parser.add_argument("--title", default="Dice against fine-tuning iterations")
+    args = parser.parse_args()
+    points, skipped = load_points(args.folders, args.split)
+    if not points:
+        raise SystemExit(f"no fine-tuned cells with {args.split} Dice in {', '.join(map(str, args.folders))}")
+    plot(points, args.o, args.split, args.title)
+    print(markdown(points, args.split))
+    if skipped:
+        print(f"\n{len(skipped)} cell(s) without {args.split} Dice left out, e.g. {skipped[0]}")
+    print(f"\nwrote {args.o}")
+
+
+if __name__ == "__main__":
+    main()
