@@ -10,7 +10,7 @@
 #    width, 32 base features; 731 takes 732's architecture), proposed (supervoxels), and a derived plans file
 #    nnUNetResEncUNetMPlans_p<PATCH> with the patch forced to PATCH³ (128³; same preprocessed data);
 # 2. P1/P3/P5: benchmarks/pretrain_step.py, MASS pretraining step (bf16 autocast) against nnU-Net's own supervised
-#    step on the same plans, eager and with torch.compile (both sides);
+#    step on the same plans, eager, eager with --activation-checkpointing and with torch.compile (both sides);
 # 3. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP, with nnU-Net's compile;
 # 4. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second.
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
@@ -72,12 +72,15 @@ EOF
 log "P1/P3/P5 eager (bf16 autocast on cuda)"
 $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
     --warmup "$WARMUP" -np "$WORKERS" | tee "$ROOT/pretrain_step_eager.txt"
-MODES=eager
+log "P1/P3/P5 eager with --activation-checkpointing (the reference's encoder pass recomputed in backward)"
+$PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+    --warmup "$WARMUP" -np "$WORKERS" --activation-checkpointing | tee "$ROOT/pretrain_step_checkpointing.txt"
+MODES="eager checkpointing"
 if [[ "$COMPILE" != 0 ]]; then
   log "P1/P3/P5 torch.compile"
   $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
       --warmup "$WARMUP" -np "$WORKERS" --compile | tee "$ROOT/pretrain_step_compile.txt"
-  MODES="eager compile"
+  MODES="eager checkpointing compile"
 fi
 
 log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile=true), in-context head from a 1-step pretraining"
