@@ -7,7 +7,9 @@
 #   bash benchmarks/protocol_runs.sh pretrain-on      # 900 steps on 501 (rules on); pretrain-off: on 521
 #   bash benchmarks/protocol_runs.sh on-502 [SEEDS]   # mass, scratch, incontext on 502 (also on-503, off-502, off-503)
 #   bash benchmarks/protocol_runs.sh random-init-502 [SEEDS]   # the random-init ablation (also random-init-503)
-#   bash benchmarks/protocol_runs.sh scratch-lr-502 LR          # scratch at another lr, budgets 1 and all, seed 0
+#   bash benchmarks/protocol_runs.sh variant-502 NAME OPTIONS... # a choice on validation, budgets 1 and all, e.g.
+#        variant-502 scratch_lr0.03 --methods scratch --method-lr scratch=0.03    (SEEDS=2 for two seeds)
+#        variant-502 head_new --methods mass --head new
 #   EPOCHS=80 bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]   # mass and scratch, budgets 1 and all
 #   python benchmarks/convergence.py $BENCH/out/on_502 $BENCH/out/conv_e*_502 -o docs/convergence_mni.png
 #   bash benchmarks/protocol_runs.sh test-502         # once, at the end: the test Dice of every rules-on cell
@@ -62,11 +64,10 @@ case $stage in
     bench "${mode}_$ds" "$mode" "$ds" "${BUDGETS[@]}" --seeds "${2:-2}" "${methods[@]}" ;;
   random-init-502|random-init-503)
     bench "on_${stage#random-init-}" on "${stage#random-init-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods random-init ;;
-  scratch-lr-502|scratch-lr-503)
-    lr=${2:?learning rate}
-    bench "scratch_lr${lr}_${stage#scratch-lr-}" on "${stage#scratch-lr-}" --budgets 1 --budgets all --seeds 1 \
-      --methods scratch \
-      --method-lr "scratch=$lr" ;;
+  variant-502|variant-503)  # NAME benchmark-options...: one choice to make on validation, budgets 1 and all
+    name=${2:?variant name} ds=${stage#variant-}
+    shift 2
+    bench "variant_${name}_$ds" on "$ds" --budgets 1 --budgets all --seeds "${SEEDS:-1}" "$@" ;;
   convergence-502|convergence-503)  # EPOCHS=80 (960 it.), 167 (2004 it.), ...; 240 it. are the on_<ds> cells
     ds=${stage#convergence-}
     [[ $EPOCHS == 20 ]] && { echo "convergence: set EPOCHS (80, 167, ...); 20 is the preset's on_$ds" >&2; exit 2; }
