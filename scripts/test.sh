@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export nnUNet_n_proc_DA=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MPLBACKEND=Agg
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"
