@@ -75,12 +75,20 @@ case $stage in
   test-502|test-503)
     bench "on_${stage#test-}" on "${stage#test-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
       --methods random-init --methods incontext --split test ;;
-  collect)
+  collect)  # the cells so far (finished stages or not) and their tables, rebuilt with this checkout's report
     for run in "$BENCH"/out/*/; do
       name=$(basename "$run") dest=$REPO/benchmarks/results/$name
       mkdir -p "$dest/cells"
-      cp "$run"/results.{md,json,csv} "$dest/" 2>/dev/null || true
-      cp "$run"/cells/*.json "$dest/cells/" 2>/dev/null || true
+      cp "$run"/cells/*.json "$dest/cells/" 2>/dev/null || continue
+      "$BIN/python" - "$dest" "$name" <<'EOF'
+import json, sys
+from pathlib import Path
+from mass_nnu.evaluation.report import write_report
+dest, name = Path(sys.argv[1]), sys.argv[2]
+cells = [json.loads(p.read_text()) for p in sorted((dest / "cells").glob("*.json"))]
+split = "test" if cells and all("test" in c.get("dice", {}) for c in cells) else "validation"
+write_report(cells, dest, f"{name}: {len(cells)} cells, {split} Dice", split)
+EOF
     done ;;
   *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
 esac

@@ -23,6 +23,8 @@ def test_report_aggregates_seeds_and_pairs_them(tmp_path):
         ("random-init", 0, 0.3, 0.2), ("random-init", 1, 0.3, 0.2)]]  # random-init: seed 2 missing
     rows = {r["method"]: r for r in aggregate(cells)}
     assert rows["mass"]["dice_mean"] == pytest.approx(0.7) and rows["mass"]["dice_sd"] == pytest.approx(0.1)
+    single = aggregate([c for c in cells if c["seed"] == 0])[0]
+    assert single["seeds"] == 1 and single["dice_sd"] is None  # no sample sd from one seed (not 0)
     assert rows["mass"]["per_seed"] == {"0": 0.6, "1": 0.8, "2": 0.7}
     assert rows["scratch"]["per_structure"]["spleen"] == pytest.approx(0.15)
     assert rows["mass"]["absent"] == ["cyst"] and "cyst" not in rows["mass"]["per_structure"]

@@ -58,7 +58,7 @@ def aggregate(cells: list[dict], split: str = "validation") -> list[dict]:
         row = {
             "method": method, "budget": budget, "num_labeled": group[0]["num_labeled"], "seeds": len(group),
             "split": split, "dice_mean": float(dice.mean()),
-            "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
+            "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else None,  # no sample sd from one seed
             "per_seed": {str(c["seed"]): float(d) for c, d in zip(group, dice)},
             "per_structure": {s: float(np.mean(v)) for s, v in per_structure.items() if v},
             "absent": [s for s, v in per_structure.items() if not v],
@@ -116,7 +116,8 @@ def markdown_table(rows: list[dict], pairs: list[dict] | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [METHOD_LABELS.get(r["method"], r["method"]), str(r["num_labeled"]), str(r["seeds"]),
-                 f"{100 * r['dice_mean']:.1f} ± {100 * r['dice_sd']:.1f}",
+                 f"{100 * r['dice_mean']:.1f} ± {100 * r['dice_sd']:.1f}" if r["seeds"] > 1 else
+                 f"{100 * r['dice_mean']:.1f} (1 seed)",
                  " / ".join(f"{100 * v:.1f}" for v in r["per_seed"].values())]
         cells += [f"{100 * r['per_structure'][s]:.1f}" if s in r["per_structure"] else
                   "absent" if s in r["absent"] else "–" for s in structures]
@@ -158,7 +159,7 @@ def plot(rows: list[dict], path: Path, title: str, split: str = "validation") ->
         for method in sorted({r["method"] for r in rows}):
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["num_labeled"])
             ax.errorbar([r["num_labeled"] for r in mine], [100 * r["dice_mean"] for r in mine],
-                        yerr=[100 * r["dice_sd"] for r in mine], marker="o", capsize=4,
+                        yerr=[100 * (r["dice_sd"] or 0.0) for r in mine], marker="o", capsize=4,
                         label=METHOD_LABELS.get(method, method))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator(budgets))
