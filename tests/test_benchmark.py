@@ -118,6 +118,35 @@ def test_budgets_are_checked():
             parse_budgets(bad, 3)
 
 
+def test_interrupted_cell_resumes_only_in_its_own_folder(tmp_path):
+    """A cell killed mid-training resumes from its checkpoint on the rerun of the same folder; another output
+    folder, or other settings, start afresh."""
+    from mass_nnu.evaluation.label_efficiency import run_cells
+
+    calls = []
+
+    def run_one(method, num_labeled, seed, test, resume):
+        calls.append(resume)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed mid-training
+        return {"dice": {"validation": {"mean": 50.0, "per_structure": {"a": 50.0}, "absent": [], "cases": ["v"]}},
+                "train_cases": ["t"]}
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(out, [("1", 1)], 1, ["mass"], run_one, lambda m: {"lr": 0.01})
+    run_cells(out, [("1", 1)], 1, ["mass"], run_one, lambda m: {"lr": 0.01})
+    assert calls == [False, True]
+    assert not list((out / "cells").glob("*.started")) and (out / "cells" / "mass_n1_seed0.json").is_file()
+    run_cells(tmp_path / "other", [("1", 1)], 1, ["mass"], run_one, lambda m: {"lr": 0.01})
+    assert calls[-1] is False
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(tmp_path / "third", [("1", 1)], 1, ["mass"], run_one, lambda m: {"lr": 0.01})
+    run_cells(tmp_path / "third", [("1", 1)], 1, ["mass"], run_one, lambda m: {"lr": 0.03})
+    assert calls == [False, False]
+
+
 def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_cli, tmp_path):
     """Every method once (1 epoch × 1 iteration), validation first, then the test split completes the cells with
     their trained models; no labelled case is ever scored in the validation figure."""

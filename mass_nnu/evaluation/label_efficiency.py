@@ -70,7 +70,9 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
     """Run every missing cell with ``run_one(method, num_labeled, seed, test, resume) -> {"dice": {split: {mean,
     per_structure, absent, cases}}, "train_cases": [...], ...}``. A saved cell is reused only when it was run with the
     same ``settings(method)``; with ``split == "test"`` a cell holding only the validation figure is completed
-    (``resume``: its trained model is reused, the test set scored once)."""
+    (``resume``: its trained model is reused, the test set scored once). A cell that this folder started but did not
+    finish (killed mid-training) resumes too, from its last checkpoint; its marker ``<cell>.started`` holds the
+    settings, so another output folder never takes over a model it did not start."""
     if split not in SPLITS:
         raise MassError(f"--split {split}: choose {' or '.join(SPLITS)}")
     grid = [(m, b, n, s) for b, n in budgets for s in range(seeds) for m in methods]
@@ -85,8 +87,12 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
         if saved is not None and split in saved.get("dice", {}):
             cells.append(saved)
             continue
+        started = path.with_suffix(".started")
+        interrupted = saved is None and started.is_file() and json.loads(started.read_text()) == wanted
+        if saved is None and not interrupted:
+            save_json_atomic(wanted, started)
         start = time.time()
-        result = run_one(method, num_labeled, seed, test=split == "test", resume=saved is not None)
+        result = run_one(method, num_labeled, seed, test=split == "test", resume=saved is not None or interrupted)
         leaked = sorted(set(result["dice"]["validation"]["cases"]) & set(result["train_cases"]))
         if leaked:
             raise MassError(f"{path}: labelled (training) case(s) {', '.join(leaked)} scored in the validation figure")
@@ -95,6 +101,7 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
                 "per_structure": dict(result["dice"][split]["per_structure"]), **result,
                 "seconds": round(time.time() - start + (saved or {}).get("seconds", 0.0), 1), "settings": wanted}
         save_json_atomic(cell, path)
+        started.unlink(missing_ok=True)
         cells.append(cell)
     return cells
 
