@@ -21,6 +21,7 @@ VARIANTS = {
     "no-core": {"core_depth_mm": 0.0},
     "both-off": {"half_splits": False, "core_depth_mm": 0.0},
     "slic-working-grid": {"slic_max_spacing_mm": 0.0},  # every SLIC scale on the working grid (before per-scale grids)
+    "slic-factor-1.5": {"slic_min_factor": 1.5},  # before 2026-12-02: a coarser SLIC grid only from a factor 1.5
 }
 
 

@@ -87,7 +87,7 @@ def test_shape_rules_can_be_turned_off(phantom, run_cli):
 
 def test_coarse_slic_scales_run_on_a_coarser_grid():
     """A scale with large supervoxels runs on a coarser grid (capped at slic_max_spacing_mm, only for a factor
-    ≥ 1.5) and comes back on the working grid with labels only inside the foreground."""
+    ≥ slic_min_factor) and comes back on the working grid with labels only inside the foreground."""
     import dataclasses
 
     from mass_nnu.proposals.supervoxel import SupervoxelSettings, slic_layers, slic_spacing
@@ -98,6 +98,8 @@ def test_coarse_slic_scales_run_on_a_coarser_grid():
     assert slic_spacing(foreground, (1.0, 1.0, 1.0), 12, s) == pytest.approx((41472 / 12) ** (1 / 3) / 8)  # 1.89 mm
     assert slic_spacing(foreground, (1.0, 1.0, 1.0), 120, s) is None  # edge 7 voxels: stays on the working grid
     assert slic_spacing(foreground, (1.0, 1.0, 1.0), 1, s) == 4.0  # capped
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 30, s) == pytest.approx((41472 / 30) ** (1 / 3) / 8)  # 1.39
+    assert slic_spacing(foreground, (1.0, 1.0, 1.0), 30, dataclasses.replace(s, slic_min_factor=1.5)) is None
     assert slic_spacing(foreground, (1.0, 1.0, 1.0), 12, dataclasses.replace(s, slic_max_spacing_mm=0)) is None
     rng = np.random.default_rng(0)
     image = np.where(foreground, 0.5 + 0.1 * rng.standard_normal(foreground.shape), 0).astype(np.float32)

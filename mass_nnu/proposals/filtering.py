@@ -34,12 +34,14 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2)) | mask
 
 
-def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s: FilterSettings) -> np.ndarray:
+def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float,
+                 s: FilterSettings) -> tuple[np.ndarray, list, np.ndarray]:
     """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n.
-    Counts come from ``np.bincount`` of the uint16 map (no float volumes)."""
+    Returns (the relabelled map, the bounding box and the voxel count of labels 1..n), so that de-duplication needs
+    no second pass over the map. Counts come from ``np.bincount`` of the uint16 map (no float volumes)."""
     n = int(layer.max()) + 1
     if n == 1:
-        return np.zeros(layer.shape, np.uint16)
+        return np.zeros(layer.shape, np.uint16), [], np.zeros(0, np.int64)
     fg_volume = max(int(np.count_nonzero(foreground)), 1)
     sizes = np.bincount(layer.ravel(), minlength=n)
     inside = np.bincount(layer[foreground], minlength=n)
@@ -52,7 +54,7 @@ def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s:
             keep.append(i)
     lut = np.zeros(n, np.uint16)
     lut[np.asarray(keep, int)] = np.arange(1, len(keep) + 1)
-    return lut[layer]
+    return lut[layer], [boxes[i - 1] for i in keep], sizes[np.asarray(keep, int)]
 
 
 def passes(size: int, inside: int, box_volume: int, fg_volume: int, voxel_mm3: float, s: FilterSettings) -> bool:
@@ -127,17 +129,20 @@ class Deduplicator:
 
 def deduplicate(layers, iou: float) -> list[np.ndarray]:
     """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap);
-    relabel each layer 1..n and drop empty layers. ``layers`` may be a generator (only kept layers stay in memory).
-    Bounding-box pre-filter, no full-volume pairwise passes."""
+    relabel each layer 1..n and drop empty layers. ``layers`` yields label maps, or (map, boxes, sizes) of labels
+    1..n as ``filter_layer`` returns them; it may be a generator (only kept layers stay in memory). Bounding-box
+    pre-filter, no full-volume pairwise passes."""
     dedup = Deduplicator(iou)
     kept: list[np.ndarray] = []
-    for layer in layers:
-        n = int(layer.max()) + 1
-        sizes = np.bincount(layer.ravel(), minlength=n)
-        lut = np.zeros(n, np.uint16)
+    for item in layers:
+        layer, boxes, sizes = item if isinstance(item, tuple) else (item, None, None)
+        if boxes is None:
+            sizes = np.bincount(layer.ravel(), minlength=int(layer.max()) + 1)[1:]
+            boxes = ndimage.find_objects(layer)
+        lut = np.zeros(len(boxes) + 1, np.uint16)
         added = []
-        for label, box in enumerate(ndimage.find_objects(layer), start=1):
-            if box is not None and dedup.add(p := Proposal(box, sizes[label], layer, label)):
+        for label, box in enumerate(boxes, start=1):
+            if box is not None and dedup.add(p := Proposal(box, sizes[label - 1], layer, label)):
                 lut[label] = len(added) + 1
                 added.append(p)
         if added:

@@ -39,7 +39,8 @@ FORMAT = "mass-nnu proposals b2nd 1"
 COLUMNS = ("layer", "label", "voxels", "low_z", "low_y", "low_x", "high_z", "high_y", "high_x")
 DEFAULT_PATCH = (128, 128, 128)  # raw grid: the patch is not known yet when proposing
 RESERVED_CASES = ("summary",)  # proposalsTr/summary.json
-_CPARAMS = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
+# LZ4HC level 1: writes about 2× faster than level 5 at 2× the size; crops read alike (docs/benchmarks.md)
+_CPARAMS = {"codec": blosc2.Codec.LZ4HC, "clevel": 1, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
 _MMAP = {} if os.name == "nt" else {"mmap_mode": "r"}  # as nnU-Net: no mmap on Windows
 
 

@@ -22,7 +22,8 @@ class SupervoxelSettings:
     slic_segments: tuple[int, ...] = (12, 48, 120)   # supervoxels per foreground, one layer per scale
     slic_compactness: float = 0.03
     slic_edge_voxels: float = 8.0                    # a scale's SLIC runs on a grid coarse enough for this mean
-    slic_max_spacing_mm: float = 4.0                 # supervoxel edge, never coarser than this (factor ≥ 1.5 only)
+    slic_max_spacing_mm: float = 4.0                 # supervoxel edge, never coarser than this
+    slic_min_factor: float = 1.25                    # a coarser grid only when it is this much coarser per axis
     intensity_classes: tuple[int, ...] = (2, 3, 4, 6)  # k-means classes; each class split into components
     bias_sigma_mm: float = 15.0                      # homomorphic bias correction before clustering (0: off)
     half_splits: bool = True                         # class thresholds × halves along each principal axis
@@ -54,11 +55,11 @@ def normalise(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 def slic_spacing(foreground: np.ndarray, spacing, segments: int, s: SupervoxelSettings) -> float | None:
     """The grid (mm) one SLIC scale runs on: coarser than the working grid by the factor that leaves a mean
     supervoxel edge of ``slic_edge_voxels``, capped at ``slic_max_spacing_mm``; None (the working grid) when that
-    saves less than a factor 1.5 per axis. A 12-supervoxel scale needs no 2 mm grid to place its boundaries."""
+    saves less than ``slic_min_factor`` per axis. A 12-supervoxel scale needs no 2 mm grid to place its boundaries."""
     edge = (np.count_nonzero(foreground) / segments) ** (1 / 3)
     finest = min(spacing)
     factor = min(edge / s.slic_edge_voxels, s.slic_max_spacing_mm / finest)
-    return finest * factor if factor >= 1.5 else None
+    return finest * factor if factor >= s.slic_min_factor else None
 
 
 def slic_layers(image01, foreground, spacing, s: SupervoxelSettings) -> list[np.ndarray]:
