@@ -184,6 +184,7 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
     diag = ic["diagnostics"]["validation"]
     assert set(diag["ensemble"]) == {"1", "3"} and all(0 <= v <= 1 for v in diag["ensemble"].values())
     assert all(math.isfinite(diag["pairing"][k]) for k in ("matched", "mismatched", "gap"))
+    assert 0 <= diag["alone"] <= 1 and "each class alone" in result.stdout
     assert len(ic["references"]["k3"]) == 3 and ic["references"]["k1"] == ic["references"]["cell"]
     assert "pairing gap" in result.stdout and "K = 3" in result.stdout and "−" in result.stdout  # paired table
     assert {p["comparison"] for p in data["paired"]} == {"mass - scratch", "random-init - scratch"}

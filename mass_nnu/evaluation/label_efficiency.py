@@ -134,7 +134,8 @@ def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], v
     """In-context segmentation (no training) with the seed's labelled subset as references, scored under the same
     rule as the fine-tuned cells (every foreground class; one no reference holds is an empty prediction). Beside
     it the diagnostics: the pairing gap (matched references minus references of another class: tokens rotated by
-    one class) and K-reference ensembles (the first K of the seed's draw, K in ENSEMBLE_K)."""
+    one class), K-reference ensembles (the first K of the seed's draw, K in ENSEMBLE_K), and each class scored
+    alone (its task's own sigmoid > 0.5, as in pretraining; the label map gives a voxel to the highest class)."""
     folder = Path(weights)
     pretrained = load_pretrained(folder if folder.is_dir() else folder.parent, device=device)
     meta = dataset.dataset_json()
@@ -170,7 +171,7 @@ def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], v
         if test:
             queries["test"] = ([dataset.raw / "imagesTs"], dataset.raw / "labelsTs")
         for split, (images, gt) in queries.items():
-            scores = score_token_sets(pretrained, sets, images, gt, score_labels)
+            scores = score_token_sets(pretrained, sets, images, gt, score_labels, alone=("matched",))
             source = f"in-context {split} (n{num_labeled}, seed {seed})"
             dice[split] = figures(scores["matched"], source)
             gap = None
@@ -180,6 +181,7 @@ def _incontext_cell(dataset: Dataset, weights, device, train_cases: list[str], v
                 gap = {"matched": matched, "mismatched": mismatched, "gap": matched - mismatched}
             diagnostics[split] = {
                 "pairing": gap,
+                "alone": figures(scores["matched_alone"], source)["mean"],
                 "ensemble": {str(k): figures(scores["matched" if cases == refs else f"k{k}"], source)["mean"]
                              for k, cases in ensemble.items()}}
         return {"dice": dice, "train_cases": refs, "diagnostics": diagnostics,

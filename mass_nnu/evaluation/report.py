@@ -77,6 +77,9 @@ def _mean_diagnostics(diagnostics: list[dict]) -> dict:
     if pairings:
         out["pairing"] = {k: float(np.mean([p[k] for p in pairings])) for k in ("matched", "mismatched", "gap")}
         out["pairing"]["per_seed_gap"] = [float(p["gap"]) for p in pairings]
+    alone = _finite(d.get("alone") for d in diagnostics)
+    if alone:
+        out["alone"] = float(np.mean(alone))
     ks = sorted({k for d in diagnostics for k in d.get("ensemble", {})}, key=int)
     out["ensemble"] = {k: float(np.mean(_finite(d["ensemble"].get(k) for d in diagnostics))) for k in ks
                        if _finite(d["ensemble"].get(k) for d in diagnostics)}
@@ -135,16 +138,18 @@ def markdown_table(rows: list[dict], pairs: list[dict] | None = None) -> str:
     if diagnosed:
         ks = sorted({k for r in diagnosed for k in r["diagnostics"].get("ensemble", {})}, key=int)
         caption = ("In-context diagnostics (Dice %): pairing gap = matched references minus references of another "
-                   "class (near 0: the reference is ignored); K = references per class, token average:")
+                   "class (near 0: the reference is ignored); K = references per class, token average; each class "
+                   "alone = every task's own sigmoid > 0.5 (no competition between classes for a voxel):")
         header = "| labelled cases | seeds | matched | other class | pairing gap | " + \
-            " | ".join(f"K = {k}" for k in ks) + " |"
-        lines += ["", caption, "", header, "|---|---|---|---|---|" + "---|" * len(ks)]
+            " | ".join(f"K = {k}" for k in ks) + " | each class alone |"
+        lines += ["", caption, "", header, "|---|---|---|---|---|" + "---|" * (len(ks) + 1)]
         for r in diagnosed:
             d = r["diagnostics"]
             pair = d.get("pairing")
             cols = [f"{100 * pair['matched']:.1f}", f"{100 * pair['mismatched']:.1f}", _points(pair["gap"])] \
                 if pair else ["–", "–", "– (one class)"]
             cols += [f"{100 * d['ensemble'][k]:.1f}" if k in d.get("ensemble", {}) else "–" for k in ks]
+            cols.append(f"{100 * d['alone']:.1f}" if "alone" in d else "–")
             lines.append(f"| {r['num_labeled']} | {r['seeds']} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 

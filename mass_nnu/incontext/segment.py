@@ -149,16 +149,20 @@ def rotated(tokens: TaskTokens) -> TaskTokens:
 
 def score_token_sets(pretrained: Pretrained, token_sets: dict[str, tuple[TaskTokens, list[int]]], queries,
                      gt_folder: Path, score_labels: list[int], step_size: float = 0.5,
-                     largest_component: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+                     largest_component: bool = True,
+                     alone: tuple[str, ...] = ()) -> dict[str, dict[str, dict[str, float]]]:
     """Dice of several token sets on the same queries, each query read and preprocessed once. ``token_sets``:
     {name: (tokens, the label each task predicts)}. Every label of ``score_labels`` is scored, also one no task
     predicts (an empty prediction: Dice 0 where the ground truth holds it, NaN where neither does), as a
-    fine-tuned model that never predicts it is. Returns {name: {case: {label: Dice}}}; nothing is written."""
+    fine-tuned model that never predicts it is. The sets named in ``alone`` are also scored as ``<name>_alone``:
+    each task on its own (sigmoid > 0.5, no competition with the other classes for a voxel). Returns
+    {name: {case: {label: Dice}}}; nothing is written."""
     plans = pretrained.plans
     endings = inference.supported_endings(plans)
     cases = image_cases(queries, pretrained.num_channels, endings)
     gt_files = _ground_truth_files(gt_folder, cases, endings)
-    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in token_sets}
+    names = [*token_sets, *(f"{name}_alone" for name in alone)]
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
     for case in tqdm(cases, desc="in-context scoring", unit="case", disable=None):
         data, properties = inference.read_image(case.files, plans)
         data, _, properties = inference.preprocess(data, None, properties, plans)
@@ -171,6 +175,11 @@ def score_token_sets(pretrained: Pretrained, token_sets: dict[str, tuple[TaskTok
                 raise MassError(f"{gt_files[case.case_id]}: shape {reference.shape} differs from the query's "
                                 f"{label_map.shape}")
             results[name][case.case_id] = {str(v): inference.dice(reference, label_map, v) for v in score_labels}
+            if name in alone:
+                each = {v: to_label_map(logits[k:k + 1], properties, pretrained, [v], largest_component)
+                        for k, v in enumerate(labels)}
+                results[f"{name}_alone"][case.case_id] = {
+                    str(v): inference.dice(reference, each.get(v, np.zeros_like(label_map)), v) for v in score_labels}
     return results
 
 
