@@ -12,10 +12,14 @@
 #        variant-502 head_new --methods mass --head new
 #   EPOCHS=80 bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]   # mass and scratch, budgets 1 and all
 #   python benchmarks/convergence.py $BENCH/out/on_502 $BENCH/out/conv_e*_502 -o docs/convergence_mni.png
-#   bash benchmarks/protocol_runs.sh test-502         # once, at the end: the test Dice of every rules-on cell
+#   METHOD_LR="scratch=0.03" bash benchmarks/protocol_runs.sh final-502 [SEEDS]   # the final cells with the lr per
+#        method chosen on validation (the variants): mass, scratch, random-init, incontext in out/final_502; cells
+#        of on_502 with the same settings are reused (copied), the others run
+#   METHOD_LR="scratch=0.03" bash benchmarks/protocol_runs.sh test-502   # once, at the end: test Dice of final_502
 #   bash benchmarks/protocol_runs.sh collect          # copy tables and cells into benchmarks/results/
 #
-# Environment: BENCH (workspace, default /work/bench), PYTHON_BIN (the mass-nnu venv's bin folder, default .venv/bin).
+# Environment: BENCH (workspace, default /work/bench), PYTHON_BIN (the mass-nnu venv's bin folder, default .venv/bin),
+# METHOD_LR ("METHOD=LR ...", the learning rates chosen on validation; final, test and convergence stages).
 # Rules off uses its own preprocessed and results folders (same raw data), so its fine-tuned models never clash with
 # the rules-on ones. One thread per run: two stages side by side use the two cores of the CI-like machine.
 set -euo pipefail
@@ -42,6 +46,8 @@ bench() {  # NAME RULES DOWNSTREAM [benchmark options...]
   "$BIN/mass" benchmark -d "$ds" -w "$w" --epochs "$EPOCHS" "${PRESET[@]}" -o "$BENCH/out/$name" "$@" 2>&1 \
     | tee -a "$BENCH/logs/$name.log"
 }
+LR_FLAGS=() LR_TAG=""
+for pair in ${METHOD_LR:-}; do LR_FLAGS+=(--method-lr "$pair"); LR_TAG+="_${pair/=/}"; done
 stage=${1:?stage}
 case $stage in
   setup)
@@ -71,10 +77,19 @@ case $stage in
   convergence-502|convergence-503)  # EPOCHS=80 (960 it.), 167 (2004 it.), ...; 240 it. are the on_<ds> cells
     ds=${stage#convergence-}
     [[ $EPOCHS == 20 ]] && { echo "convergence: set EPOCHS (80, 167, ...); 20 is the preset's on_$ds" >&2; exit 2; }
-    bench "conv_e${EPOCHS}_$ds" on "$ds" --budgets 1 --budgets all --seeds "${2:-1}" --methods mass --methods scratch ;;
-  test-502|test-503)
-    bench "on_${stage#test-}" on "${stage#test-}" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
-      --methods random-init --methods incontext --split test ;;
+    bench "conv_e${EPOCHS}_$ds$LR_TAG" on "$ds" --budgets 1 --budgets all --seeds "${2:-1}" --methods mass \
+      --methods scratch "${LR_FLAGS[@]}" ;;
+  final-502|final-503|test-502|test-503)
+    ds=${stage#*-} split=validation
+    [[ $stage == test-* ]] && split=test
+    mkdir -p "$BENCH/out/final_$ds/cells"
+    for cell in "$BENCH/out/on_$ds"/cells/*.json; do  # reused only where the settings match (mass benchmark checks)
+      method=$(basename "$cell"); method=${method%%_n*}
+      [[ " ${METHOD_LR:-} " == *" $method="* || -e $BENCH/out/final_$ds/cells/$(basename "$cell") ]] \
+        || cp "$cell" "$BENCH/out/final_$ds/cells/"
+    done
+    bench "final_$ds" on "$ds" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
+      --methods random-init --methods incontext "${LR_FLAGS[@]}" --split $split ;;
   collect)  # the cells so far (finished stages or not) and their tables, rebuilt with this checkout's report
     for run in "$BENCH"/out/*/; do
       name=$(basename "$run") dest=$REPO/benchmarks/results/$name
