@@ -8,7 +8,8 @@ Each folder is one `mass benchmark` run at one schedule (e.g. `--epochs 20`, `80
 settings give the iterations (epochs × iterations per epoch), so the folders may come in any order and may hold
 other methods or budgets too. For every (method, budget) the plot shows the mean Dice over the seeds against
 iterations (log scale), each seed as a dot, and the script prints the same as a Markdown table with the per-seed
-figures. Cells without the requested split are left out (say so). Nothing is trained here.
+figures. A method run at several learning rates (``--method-lr``) gives one series per lr. Cells without the
+requested split are left out (say so). Nothing is trained here.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 
 
 def load_points(folders: list[Path], split: str) -> tuple[dict, list[str]]:
-    """{(method, budget): {iterations: {seed: dice}}} and the cells skipped for lack of ``split``."""
+    """{(method, budget, lr): {iterations: {seed: dice}}} and the cells skipped for lack of ``split`` (lr None: the
+    trainer's default)."""
     points: dict = defaultdict(lambda: defaultdict(dict))
     skipped, datasets = [], set()
     for folder in folders:
@@ -35,15 +37,25 @@ def load_points(folders: list[Path], split: str) -> tuple[dict, list[str]]:
             if len(datasets) > 1:
                 raise SystemExit(f"{path}: the folders hold cells of several datasets ({', '.join(sorted(datasets))})")
             iterations = int(settings["epochs"]) * int(settings["iterations_per_epoch"])
-            points[(cell["method"], cell["budget"])][iterations][int(cell["seed"])] = cell["dice"][split]["mean"]
+            key = (cell["method"], cell["budget"], settings.get("learning_rate"))
+            points[key][iterations][int(cell["seed"])] = cell["dice"][split]["mean"]
     return points, skipped
+
+
+def _name(method: str, lr) -> str:
+    return method if lr is None else f"{method} (lr {lr:g})"
+
+
+def _order(item):
+    (method, budget, lr), _ = item
+    return method, budget, -1.0 if lr is None else float(lr)
 
 
 def markdown(points: dict, split: str) -> str:
     iterations = sorted({i for series in points.values() for i in series})
     lines = [f"| method | labelled cases | {' | '.join(f'{i} it.' for i in iterations)} |",
              "| --- | --- | " + " | ".join("---" for _ in iterations) + " |"]
-    for (method, budget), series in sorted(points.items()):
+    for (method, budget, lr), series in sorted(points.items(), key=_order):
         cells = []
         for i in iterations:
             seeds = series.get(i, {})
@@ -53,7 +65,7 @@ def markdown(points: dict, split: str) -> str:
             values = [100 * seeds[s] for s in sorted(seeds)]
             mean = sum(values) / len(values)
             cells.append(f"{mean:.1f} ({' / '.join(f'{v:.1f}' for v in values)})")
-        lines.append(f"| {method} | {budget} | {' | '.join(cells)} |")
+        lines.append(f"| {_name(method, lr)} | {budget} | {' | '.join(cells)} |")
     return f"{split} Dice (%), mean over seeds (per seed)\n\n" + "\n".join(lines)
 
 
@@ -66,11 +78,12 @@ def plot(points: dict, out: Path, split: str, title: str) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     styles = {"mass": "C0", "scratch": "C1", "random-init": "C2"}
-    for (method, budget), series in sorted(points.items()):
+    for (method, budget, lr), series in sorted(points.items(), key=_order):
         xs = sorted(series)
         means = [100 * sum(series[x].values()) / len(series[x]) for x in xs]
+        name = _name(method, lr)
         ax.plot(xs, means, marker="o", color=styles.get(method, "C3"), linestyle="-" if budget == "all" else "--",
-                label=f"{method}, {budget} label(s)" if budget != "all" else f"{method}, all labels")
+                label=f"{name}, {budget} label(s)" if budget != "all" else f"{name}, all labels")
         for x in xs:
             ax.scatter([x] * len(series[x]), [100 * v for v in series[x].values()], s=10,
                        color=styles.get(method, "C3"), alpha=0.5)
