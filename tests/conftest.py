@@ -1,6 +1,7 @@
 """Shared fixtures: isolated nnU-Net folders per test session, a CLI runner, fast settings."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -15,15 +16,25 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 TINY_TRAINER = "nnUNetTrainerMASS_1epoch"  # one epoch of 2 iterations, no mirroring
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Tiny networks on a busy 2-core machine run faster on one thread."""
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run with ``count`` torch threads, then restore. Runs compared bit for bit must share the count: nnU-Net's
+    predictor changes the process's thread count, so an earlier test would otherwise set it."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny networks on a busy 2-core machine run faster on one thread."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture()
@@ -143,6 +154,7 @@ def uninterrupted(experiment_env):
 
         from mass_nnu.cli import app
 
-        result = CliRunner().invoke(app, [str(a) for a in pretrain_args(experiment_env, out)])
+        with torch_threads(1):  # the kill/resume test compares against this run bit for bit
+            result = CliRunner().invoke(app, [str(a) for a in pretrain_args(experiment_env, out)])
         assert result.exit_code == 0, result.output
     return out

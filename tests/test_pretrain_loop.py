@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import PRETRAIN_EPOCHS as EPOCHS
 from conftest import pretrain_args as _args
+from conftest import torch_threads
 
 
 def test_outputs_load_safely_and_transfer_to_nnunet(uninterrupted, experiment_env):
@@ -74,12 +75,14 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, experiment_env, tmp
         return original(self, batch)
 
     monkeypatch.setattr(trainer_module.MASSPretrainer, "train_step", dies_in_second_epoch)
-    result = run_cli(*_args(experiment_env, out))
+    with torch_threads(1):  # as the uninterrupted run
+        result = run_cli(*_args(experiment_env, out))
     assert result.exit_code == 130, result.output
     assert (out / "checkpoint_latest.pth").is_file() and not (out / "checkpoint_final.pth").exists()
     monkeypatch.setattr(trainer_module.MASSPretrainer, "train_step", original)
 
-    result = run_cli(*_args(experiment_env, out), "--c")
+    with torch_threads(1):
+        result = run_cli(*_args(experiment_env, out), "--c")
     assert result.exit_code == 0, result.output
     assert "resumed from checkpoint_latest.pth at epoch 1" in result.output
 
