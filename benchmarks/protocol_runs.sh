@@ -12,10 +12,10 @@
 #        variant-502 head_new --methods mass --head new
 #   EPOCHS=80 bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]   # mass and scratch, budgets 1 and all
 #   python benchmarks/convergence.py $BENCH/out/on_502 $BENCH/out/conv_e*_502 -o docs/convergence_mni.png
-#   METHOD_LR="scratch=0.03" bash benchmarks/protocol_runs.sh final-502 [SEEDS]   # the final cells with the lr per
-#        method chosen on validation (the variants): mass, scratch, random-init, incontext in out/final_502; cells
-#        of on_502 with the same settings are reused (copied), the others run
-#   METHOD_LR="scratch=0.03" bash benchmarks/protocol_runs.sh test-502   # once, at the end: test Dice of final_502
+#   METHOD_LR="scratch=0.1 mass=0.03 random-init=0.03" bash benchmarks/protocol_runs.sh final-502 [SEEDS]
+#        # the final cells at the lr per method chosen on validation: mass, scratch, random-init, incontext in
+#        # out/final_502; cells of on_502 (default lr) and of the variants <method>_lr<LR> are reused, the rest run
+#   METHOD_LR=... bash benchmarks/protocol_runs.sh test-502   # once, at the end: test Dice of final_502
 #   bash benchmarks/protocol_runs.sh collect          # copy tables and cells into benchmarks/results/
 #
 # Environment: BENCH (workspace, default /work/bench), PYTHON_BIN (the mass-nnu venv's bin folder, default .venv/bin),
@@ -82,12 +82,22 @@ case $stage in
   final-502|final-503|test-502|test-503)
     ds=${stage#*-} split=validation
     [[ $stage == test-* ]] && split=test
-    mkdir -p "$BENCH/out/final_$ds/cells"
-    for cell in "$BENCH/out/on_$ds"/cells/*.json; do  # reused only where the settings match (mass benchmark checks)
-      method=$(basename "$cell"); method=${method%%_n*}
-      [[ " ${METHOD_LR:-} " == *" $method="* || -e $BENCH/out/final_$ds/cells/$(basename "$cell") ]] \
-        || cp "$cell" "$BENCH/out/final_$ds/cells/"
-    done
+    # reuse: cells of on_<ds> for the methods at their default lr, and of the variants <method>_lr<LR> (run with
+    # only --methods <method> --method-lr <method>=<LR>) for the methods at the chosen LR; mass benchmark checks
+    # every reused cell's settings and stops on a mismatch
+    "$BIN/python" - "$BENCH/out" "$ds" "${METHOD_LR:-}" <<'EOF'
+import shutil, sys
+from pathlib import Path
+out, ds, chosen = Path(sys.argv[1]), sys.argv[2], dict(p.split("=") for p in sys.argv[3].split())
+dest = out / f"final_{ds}" / "cells"
+dest.mkdir(parents=True, exist_ok=True)
+sources = [(out / f"on_{ds}", None)] + [(out / f"variant_{m}_lr{lr}_{ds}", m) for m, lr in chosen.items()]
+for folder, lr_method in sources:
+    for cell in sorted((folder / "cells").glob("*.json")):
+        method = cell.name.split("_n")[0]
+        if (method == lr_method if lr_method else method not in chosen) and not (dest / cell.name).exists():
+            shutil.copy(cell, dest / cell.name)
+EOF
     bench "final_$ds" on "$ds" "${BUDGETS[@]}" --seeds "${2:-3}" --methods mass --methods scratch \
       --methods random-init --methods incontext "${LR_FLAGS[@]}" --split $split ;;
   collect)  # the cells so far (finished stages or not) and their tables, rebuilt with this checkout's report
