@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import torch_threads
 
 from mass_nnu.errors import MassError
 
@@ -67,16 +68,13 @@ def save_random_model(folder, plans: dict, seed: int = 0):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Phantom dataset (4 training cases, 2 test cases), a random-weight model folder, odd-geometry files."""
-    import torch
-
     from mass_nnu.demo_data.phantom import make_phantom_case, write_phantom_dataset
     from mass_nnu.demo_data.writer import write_image
     from mass_nnu.workspace import NNUNET_FOLDERS, configure_environment
 
     root = tmp_path_factory.mktemp("incontext")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is as fast, and much faster on a busy machine
-    with pytest.MonkeyPatch.context() as mp:
+    # tiny networks: one thread is as fast, and much faster on a busy machine
+    with torch_threads(1), pytest.MonkeyPatch.context() as mp:
         for var, sub in NNUNET_FOLDERS.items():
             mp.setenv(var, str(root / sub))
         configure_environment(quiet=True)
@@ -90,7 +88,6 @@ def workspace(tmp_path_factory):
         write_image(image, path=root / "odd" / "odd_0000.nii.gz", **odd)
         write_image(label, path=root / "odd_gt" / "odd.nii.gz", dtype=np.uint8, **odd)
         yield {"root": root, "raw": raw, "model": model}
-    torch.set_num_threads(threads)
 
 
 def ref_args(raw, *cases):

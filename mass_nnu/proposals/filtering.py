@@ -129,20 +129,16 @@ class Deduplicator:
 
 def deduplicate(layers, iou: float) -> list[np.ndarray]:
     """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap);
-    relabel each layer 1..n and drop empty layers. ``layers`` yields label maps, or (map, boxes, sizes) of labels
-    1..n as ``filter_layer`` returns them; it may be a generator (only kept layers stay in memory). Bounding-box
-    pre-filter, no full-volume pairwise passes."""
+    relabel each layer 1..n and drop empty layers. ``layers`` yields (map, boxes, sizes) of labels 1..n as
+    ``filter_layer`` returns them; it may be a generator (only kept layers stay in memory). Bounding-box pre-filter,
+    no full-volume pairwise passes."""
     dedup = Deduplicator(iou)
     kept: list[np.ndarray] = []
-    for item in layers:
-        layer, boxes, sizes = item if isinstance(item, tuple) else (item, None, None)
-        if boxes is None:
-            sizes = np.bincount(layer.ravel(), minlength=int(layer.max()) + 1)[1:]
-            boxes = ndimage.find_objects(layer)
+    for layer, boxes, sizes in layers:
         lut = np.zeros(len(boxes) + 1, np.uint16)
         added = []
         for label, box in enumerate(boxes, start=1):
-            if box is not None and dedup.add(p := Proposal(box, sizes[label - 1], layer, label)):
+            if dedup.add(p := Proposal(box, sizes[label - 1], layer, label)):
                 lut[label] = len(added) + 1
                 added.append(p)
         if added:
