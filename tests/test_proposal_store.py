@@ -91,7 +91,7 @@ def test_crops_equal_slices_of_the_full_array(tmp_path):
     full = _blocks(rng, (20, 30, 26), 4)
     write_proposals(tmp_path / "c.b2nd", full, {"shape": [20, 30, 26], **GEOMETRY}, "t", {}, patch=(8, 8, 8))
     store = open_proposals(tmp_path / "c.b2nd")
-    assert store.layers.chunks == (1, 8, 8, 8)  # a crop touches only its chunks
+    assert store.layers.blocks == (1, 8, 8, 8)  # a crop decompresses only the blocks it touches
     pad = 40
     padded = np.pad(full, ((0, 0), (pad, pad), (pad, pad), (pad, pad)))
     # inside, over the edges, outside
@@ -103,6 +103,11 @@ def test_crops_equal_slices_of_the_full_array(tmp_path):
     assert np.array_equal(store.read(2, [-4, 5, 6], [7, 40, 8]), full[2, 0:7, 5:30, 6:8])  # clipped to the volume
     blocks, chunks = chunk_shapes((108, 256, 256))  # a CT: chunks of about a 128^3 patch, small blocks
     assert chunks == (1, 108, 128, 128) and np.prod(blocks) * 2 <= 64 * 1024 and blocks[0] == 1
+    for shape in [(134, 170, 137), (300, 512, 512), (117, 149, 118)]:  # full-size MRI, CT
+        blocks, chunks = chunk_shapes(shape)
+        assert np.prod(chunks) * 2 <= 4 * 1024 ** 2 and blocks[0] == chunks[0] == 1
+        for s, b, c in zip(shape, blocks[1:], chunks[1:]):  # no padding beyond whole blocks (128 on 134: 256)
+            assert -(-s // c) * -(-c // b) * b == -(-s // b) * b
 
 
 def test_damaged_files_give_one_line(tmp_path):

@@ -15,6 +15,7 @@ Old ``<case>.npz`` files (``layers``, ``shape``, ``spacing``, ``origin``, ``dire
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -99,18 +100,26 @@ def chunk_shapes(shape, patch=DEFAULT_PATCH, itemsize: int = 2, max_block_bytes:
                  max_chunk_bytes: int = 4 * 1024 ** 2) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Blosc2 (blocks, chunks) for an (L, *shape) stack read by crops of about ``patch``: one layer per chunk
     and block; blocks of powers of two following the patch's aspect, at most ``max_block_bytes`` (the unit a crop
-    decompresses); chunks of whole blocks covering about one patch, at most ``max_chunk_bytes``, clipped to the
-    image (nnU-Net's ``comp_blosc2_params`` idea, for one channel of uint16)."""
+    decompresses); chunks of at most ``max_chunk_bytes`` that tile the image with the least padding (blosc2
+    compresses every chunk whole, and a 134-voxel axis in chunks of 128 is compressed as 256), then the fewest
+    chunks, then the chunk nearest the patch (nnU-Net's ``comp_blosc2_params`` idea, for one channel of uint16)."""
     shape = [int(s) for s in shape]
     patch = [max(1, min(int(p), s)) for p, s in zip(patch, shape)]
     block = [min(1 << max(p - 1, 0).bit_length(), s) for p, s in zip(patch, shape)]
     while math.prod(block) * itemsize > max_block_bytes and max(block) > 1:
         axis = max((a for a in range(len(block)) if block[a] > 1), key=lambda a: (block[a] / patch[a], block[a]))
         block[axis] = max(1, block[axis] // 2)
-    chunk = [min(s, -(-p // b) * b) for p, b, s in zip(patch, block, shape)]
-    while math.prod(chunk) * itemsize > max_chunk_bytes and any(c > b for c, b in zip(chunk, block)):
-        axis = max((a for a in range(len(chunk)) if chunk[a] > block[a]), key=lambda a: chunk[a] / patch[a])
-        chunk[axis] -= block[axis]
+
+    def options(s: int, b: int) -> dict[int, tuple[int, int]]:  # chunk edge -> (padded extent, chunks)
+        edges = {min(s, -(-(-(-s // n)) // b) * b) for n in range(1, -(-s // b) + 1)}
+        return {c: (-(-s // c) * (-(-c // b) * b), -(-s // c)) for c in edges}
+
+    per_axis = [options(s, b) for s, b in zip(shape, block)]
+    candidates = [c for c in itertools.product(*per_axis) if math.prod(c) * itemsize <= max_chunk_bytes] or [block]
+    chunk = min(candidates, key=lambda c: (
+        math.prod(per_axis[a].get(e, (-(-shape[a] // e) * e, 0))[0] for a, e in enumerate(c)),
+        math.prod(-(-s // e) for s, e in zip(shape, c)),
+        sum(abs(math.log(e / p)) for e, p in zip(c, patch))))
     return (1, *block), (1, *chunk)
 
 
