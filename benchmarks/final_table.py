@@ -59,8 +59,8 @@ def tables(runs: dict[str, list[dict]], split: str) -> str:
         cols = []
         for name in names:
             p = pairs[name].get((a, n))
-            cols.append("–" if p is None else f"{100 * p['mean']:+.1f} ({100 * p['min']:+.1f} to {100 * p['max']:+.1f}), "
-                                              f"{p['a_better_in']} of {p['seeds']}")
+            cols.append("–" if p is None else f"{100 * p['mean']:+.1f} ({100 * p['min']:+.1f} to "
+                                              f"{100 * p['max']:+.1f}), {p['a_better_in']} of {p['seeds']}")
         lines.append(f"| {METHOD_LABELS[a]} − scratch | {label[n]} | {' | '.join(cols)} |")
     lines += ["", f"In-context diagnostics ({split}, Dice %): K = 1 / K = 3 references per class; pairing gap = "
               "matched minus other-class references:", "",
