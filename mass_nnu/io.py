@@ -1,5 +1,5 @@
-"""Atomic file writes, complete-image reading and safe checkpoint loading (``weights_only=True``, version and
-architecture checks)."""
+"""Atomic file writes, complete-image reading, safe checkpoint loading (``weights_only=True``, version and
+architecture checks) and nnU-Net's console output sent to a log file."""
 from __future__ import annotations
 
 import gzip
@@ -8,12 +8,13 @@ import json
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +22,34 @@ import torch
 
 from mass_nnu import __version__
 from mass_nnu.errors import MassError
+
+
+@contextmanager
+def nnunet_output(log_file: Path, verbose: bool) -> Iterator[IO[str]]:
+    """nnU-Net's prints (its own and those of its worker processes: file descriptor 1) go to ``log_file`` unless
+    ``verbose``; progress bars (stderr) stay on screen. Yields the screen's stdout, for mass-nnu's own messages."""
+    if verbose:
+        yield sys.stdout
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    try:  # the screen is fd 1 itself (a terminal, a pipe), or a stream of its own (e.g. a test runner's)
+        on_fd1 = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        on_fd1 = False
+    with open(log_file, "a") as log:
+        saved = os.dup(1)
+        screen = os.fdopen(os.dup(saved), "w", buffering=1) if on_fd1 else sys.stdout
+        os.dup2(log.fileno(), 1)
+        try:
+            with redirect_stdout(log):
+                yield screen
+        finally:
+            log.flush()
+            if on_fd1:
+                screen.close()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 @contextmanager

@@ -157,6 +157,7 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
             "--method-lr", "scratch=0.02", "-o", out)
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
+    assert "Epoch 0" not in result.output, "quiet by default: nnU-Net's output goes to each cell's log"
     data = json.loads((out / "results.json").read_text())
     cells = {c["method"]: c for c in data["cells"]}
     assert set(cells) == {"mass", "scratch", "random-init", "incontext"} and data["split"] == "validation"
@@ -176,6 +177,7 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
                   for c in json.loads((fold / "validation" / "summary.json").read_text())["metric_per_case"]}
         assert scored == set(budget["val"]) and not scored & set(budget["train"])
         assert cells[method]["dice"]["validation"]["cases"] == sorted(budget["val"])
+        assert "Epoch 0" in (fold / "mass_finetune_log.txt").read_text()  # nnU-Net's output, kept per cell
     logs = {m: "".join(p.read_text() for p in (Path(cells[m]["model_folder"]) / "fold_0").glob("training_log_*.txt"))
             for m in ("mass", "random-init")}
     assert "random initialisation" in logs["random-init"] and "random initialisation" not in logs["mass"]
@@ -197,7 +199,7 @@ def test_benchmark_methods_splits_and_resume(uninterrupted, experiment_env, run_
     other = run_cli(*args[:-2], "--lr", "0.001", "-o", out)
     assert other.exit_code == 1 and "run with other settings" in other.output
 
-    final = run_cli(*base, "--methods", "mass", "--methods", "incontext", "--split", "test", "-o", out)
+    final = run_cli(*base, "--methods", "mass", "--methods", "incontext", "--split", "test", "-o", out, "--verbose")
     assert final.exit_code == 0, final.output  # the test set, once, with the trained models
     tested = {c["method"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
     assert set(tested) == {"mass", "incontext"}

@@ -111,17 +111,20 @@ def interrupt_after_first_epoch(monkeypatch):
 def test_cli_budget_resume_scratch_twin_and_errors(weights, experiment_env, run_cli, tmp_path, monkeypatch):
     path, _, _ = weights
     args = ["finetune", "-d", 712, "-w", path, "--num-labeled", 2, "-tr", TINY, "--epochs", 2, "--no-mirroring"]
+    fold = Path(os.environ["nnUNet_results"]) / "Dataset712_PhantomSeg" / \
+        f"{TINY}__{experiment_env['plans']}_mass_n2s0_e2__3d_fullres" / "fold_0"
     interrupt_after_first_epoch(monkeypatch)
-    assert run_cli(*args).exit_code == 130
+    first = run_cli(*args)
+    assert first.exit_code == 130
+    # quiet by default: nnU-Net's epoch log goes to the fold's log file, not to the screen
+    assert "Epoch 0" not in first.output and "Epoch 0" in (fold / "mass_finetune_log.txt").read_text()
     monkeypatch.undo()
-    result = run_cli(*args, "--c")
+    result = run_cli(*args, "--c", "--verbose")
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output and "checkpoint_latest.pth" in result.output
     resumed = result.output.split("resuming from")[-1]
     assert "Epoch 0" not in resumed and "Epoch 1" in resumed
     assert "Dice (%)" in result.output and "liver" in result.output
-    fold = Path(os.environ["nnUNet_results"]) / "Dataset712_PhantomSeg" / \
-        f"{TINY}__{experiment_env['plans']}_mass_n2s0_e2__3d_fullres" / "fold_0"
     summary = json.loads((fold / "mass_finetune_results.json").read_text())
     budget = json.loads((fold / "label_budget.json").read_text())
     splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / "Dataset712_PhantomSeg" / "splits_final.json").read_text())

@@ -1,14 +1,10 @@
 """nnU-Net experiment planning: fingerprints, ResEnc planners, preprocessing, reader choice, plans summaries.
 
-nnU-Net prints whole plans dicts while it plans; ``nnunet_output`` sends its prints to a log file unless verbose.
+nnU-Net prints whole plans dicts while it plans; callers send its prints to a log file (``io.nnunet_output``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from pathlib import Path
-from typing import Iterator
 
 from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -31,27 +27,6 @@ PLANNERS = {
     "nnUNetPlannerResEncXL": "nnUNetResEncUNetXLPlans",
     "ExperimentPlanner": "nnUNetPlans",
 }
-
-
-@contextlib.contextmanager
-def nnunet_output(log_file: Path, verbose: bool) -> Iterator[None]:
-    """nnU-Net's prints (its own and those of its worker processes) go to ``log_file`` unless ``verbose``;
-    progress bars (stderr) stay on screen."""
-    if verbose:
-        yield
-        return
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    with open(log_file, "a") as log:
-        saved = os.dup(1)
-        os.dup2(log.fileno(), 1)
-        try:
-            with contextlib.redirect_stdout(log):
-                yield
-        finally:
-            log.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 def planner_class(name: str, base_features: int | None = None):

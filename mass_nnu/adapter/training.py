@@ -91,6 +91,12 @@ def resume_if_possible(trainer) -> str | None:
     return None
 
 
+def last_epoch_figures(trainer) -> tuple[float, float]:
+    """(train loss, mean foreground pseudo Dice) of the epoch nnU-Net's logger recorded last."""
+    return (float(trainer.logger.get_value("train_losses", step=None)[-1]),
+            float(trainer.logger.get_value("mean_fg_dice", step=None)[-1]))
+
+
 def train_and_validate(trainer, save_probabilities: bool) -> None:
     """``nnUNetv2_train``'s sequence: run_training (skipped when already finished), then final validation."""
     if trainer.current_epoch < trainer.num_epochs:

@@ -25,6 +25,8 @@ def benchmark(
     method_lr: List[str] = typer.Option([], "--method-lr", help="METHOD=LR: that method's own learning rate (e.g. "
                                         "scratch=0.03, tuned on validation); repeat the flag."),
     head: str = typer.Option("auto", "--head", help="MASS fine-tuning head: incontext, new or auto (see mass finetune)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show nnU-Net's training output "
+                                 "(default: in each cell's fold_k/mass_finetune_log.txt)."),
 ) -> None:
     """Fine-tune MASS, the from-scratch twin and the ablations per budget and seed; write results.csv/json, a table
     (with paired differences and in-context diagnostics) and a plot."""
@@ -35,5 +37,5 @@ def benchmark(
                                 batch_size=batch_size, mirroring=False, head=head)
     methods = list(methods) + (["incontext"] if incontext else [])
     table = run_benchmark(dataset, weights, budgets, seeds, schedule, configuration, fold, methods, device, out, split,
-                          parse_method_lr(method_lr))
+                          parse_method_lr(method_lr), verbose)
     typer.echo(table)

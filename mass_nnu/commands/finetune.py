@@ -29,6 +29,8 @@ def finetune(
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (default: the trainer's, 1e-2)."),
     transfer: str = typer.Option("all", "--transfer", help="all: encoder and decoder weights; encoder: decoder from scratch."),
     random_init: bool = typer.Option(False, "--random-init", help="Ablation: the in-context head from random weights (same architecture and schedule, the MASS weights not loaded)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show nnU-Net's training output "
+                                 "(default: in <fold folder>/mass_finetune_log.txt, with a progress bar)."),
     head: str = typer.Option("auto", "--head", help="incontext: the whole MASS model, one in-context task per class; new: the pretrained backbone with a fresh nnU-Net head; auto: incontext when the full MASS checkpoint is beside the weights (docs/finetuning.md)."),
 ) -> None:
     """Fine-tune nnU-Net from MASS weights with an optional label budget; evaluate on imagesTs/labelsTs."""
@@ -39,4 +41,4 @@ def finetune(
                                 batch_size=batch_size, mirroring=not no_mirroring, seed=seed, transfer=transfer,
                                 head=head, num_labeled=num_labeled, fraction=fraction, random_init=random_init or None)
     finetune_dataset(dataset, settings, weights, scratch, plans, configuration, fold, trainer, device,
-                     continue_training, npz, num_processes)
+                     continue_training, npz, num_processes, verbose=verbose)

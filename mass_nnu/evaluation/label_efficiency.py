@@ -107,14 +107,14 @@ def run_cells(out_dir: Path, budgets: list[tuple[str, int]], seeds: int, methods
 
 
 def _finetune_cell(dataset: Dataset, weights, configuration, fold, device, settings: FinetuneSettings,
-                   method_lr: dict[str, float]):
+                   method_lr: dict[str, float], verbose: bool = False):
     def run_one(method: str, num_labeled: int, seed: int, test: bool, resume: bool) -> dict:
         cell_settings = replace(settings, num_labeled=num_labeled, seed=seed,
                                 initial_lr=method_lr.get(method, settings.initial_lr),
                                 random_init=True if method == "random-init" else None)
         results = finetune_dataset(dataset, cell_settings, weights=weights, scratch=method == "scratch",
                                    configuration=configuration, fold=fold, device=device, continue_training=resume,
-                                   test=test)
+                                   test=test, verbose=verbose)
         dice = {}
         for split in ("validation", "test") if test else ("validation",):
             if split not in results["dice"]:
@@ -209,11 +209,12 @@ def parse_method_lr(pairs: Sequence[str]) -> dict[str, float]:
 def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule: FinetuneSettings,
                   configuration: str = "3d_fullres", fold: str = "0", methods: Sequence[str] = ("mass", "scratch"),
                   device: str = "cpu", out: str | None = None, split: str = "validation",
-                  method_lr: dict[str, float] | None = None) -> str:
+                  method_lr: dict[str, float] | None = None, verbose: bool = False) -> str:
     """All cells, then results.csv/json, results.md and dice_vs_labels.png. Returns the Markdown table.
     ``schedule`` is every fine-tuned cell's training (the budget and seed are the cell's); ``method_lr`` overrides
     its learning rate per method (each tuned on validation). ``split``: the figure reported, "validation" (the
-    fold's validation cases; for every choice) or "test" (imagesTs, scored once)."""
+    fold's validation cases; for every choice) or "test" (imagesTs, scored once). ``verbose``: nnU-Net's output on
+    screen (else in each cell's ``fold_k/mass_finetune_log.txt``)."""
     dataset = Dataset.resolve(dataset)
     methods = check_methods(methods)
     method_lr = dict(method_lr or {})
@@ -254,7 +255,7 @@ def run_benchmark(dataset, weights, budgets: Sequence[str], seeds: int, schedule
     cells = []
     finetuned = [m for m in methods if m in FINETUNED]
     if finetuned:
-        finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule, method_lr)
+        finetune = _finetune_cell(dataset, weights_path, configuration, fold, device, schedule, method_lr, verbose)
         cells += run_cells(out_dir, parsed, seeds, finetuned, finetune, per_method.get, split)
     if "incontext" in methods:
         run_ic = _incontext_cell(dataset, weights_path, device, train_cases, val_cases)

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mass_nnu.adapter import training
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.networks import build_network
@@ -22,11 +24,12 @@ from mass_nnu.finetuning.budget import budget_size, select_budget
 from mass_nnu.finetuning.incontext_head import choose_head
 from mass_nnu.finetuning.settings import FinetuneSettings
 from mass_nnu.finetuning.trainer import SCRATCH, TRAINERS, architecture_mismatch, plan_hint
-from mass_nnu.io import save_json_atomic
+from mass_nnu.io import nnunet_output, save_json_atomic
 from mass_nnu.model.artifacts import find_pretrained_weights, load_weights_file
 from mass_nnu.planning.plan import ensure_plans
 
 DEFAULT_TRAINER = "nnUNetTrainerMASS"
+LOG_FILE = "mass_finetune_log.txt"  # nnU-Net's console output of a run, in its fold folder
 
 
 @dataclass
@@ -160,15 +163,25 @@ def prepare_run(dataset: Dataset, weights: Weights, settings: FinetuneSettings, 
 
 
 def train(dataset: Dataset, run_plans: dict, configuration: str, fold, trainer_name: str, device: str,
-          continue_training: bool, save_npz: bool):
-    """nnU-Net's training and final validation of the run (resumed with ``continue_training``)."""
+          continue_training: bool, save_npz: bool, screen=None, progress: bool = False):
+    """nnU-Net's training and final validation of the run (resumed with ``continue_training``). ``screen``: where
+    mass-nnu's own messages go (nnU-Net's may be sent to a log); ``progress``: a progress bar over the epochs."""
     trainer = training.build_trainer(TRAINERS[trainer_name], run_plans, configuration, fold, dataset.dataset_json(),
                                      device, continue_training)
     trainer.pretrained_weights = run_plans["pretrain_info"]["weights"] or SCRATCH
     if continue_training:
         resumed = training.resume_if_possible(trainer)
-        print(f"mass finetune: {'resuming from ' + resumed if resumed else 'no checkpoint to resume; starting'}")
-    training.train_and_validate(trainer, save_npz)
+        print(f"mass finetune: {'resuming from ' + resumed if resumed else 'no checkpoint to resume; starting'}",
+              file=screen)
+    if progress:
+        trainer.progress = tqdm(total=trainer.num_epochs, initial=trainer.current_epoch, desc="fine-tuning",
+                                unit="epoch", leave=False, disable=None)
+    try:
+        training.train_and_validate(trainer, save_npz)
+    finally:
+        if trainer.progress is not None:
+            trainer.progress.close()
+            trainer.progress = None
     return trainer
 
 
@@ -220,9 +233,11 @@ def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirr
 def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=None, scratch: bool = False,
                      plans_identifier: str | None = None, configuration: str | None = None, fold="0",
                      trainer_name: str = DEFAULT_TRAINER, device: str = "cpu", continue_training: bool = False,
-                     save_npz: bool = False, num_processes: int = 2, test: bool = True) -> dict:
+                     save_npz: bool = False, num_processes: int = 2, test: bool = True, verbose: bool = False) -> dict:
     """Fine-tune (or train the scratch twin) on ``dataset``; returns the results dict also written to
-    ``<fold folder>/mass_finetune_results.json``. ``test=False``: validation only (imagesTs is not touched)."""
+    ``<fold folder>/mass_finetune_results.json``. ``test=False``: validation only (imagesTs is not touched).
+    nnU-Net's console output goes to ``<fold folder>/mass_finetune_log.txt`` (beside its own training log) unless
+    ``verbose``; then a progress bar shows the epochs."""
     settings = settings or FinetuneSettings()
     dataset = Dataset.resolve(dataset)
     fold = fold if fold == "all" else int(fold)
@@ -234,10 +249,12 @@ def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=
 
     resolved = resolve_weights(weights, scratch, plans_identifier, configuration)
     run_plans, settings, subset = prepare_run(dataset, resolved, settings, scratch, fold, trainer_name, num_processes)
-    trainer = train(dataset, run_plans, resolved.configuration, fold, trainer_name, device, continue_training,
-                    save_npz)
-    tables, details = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False, subset,
-                               test)
+    model_folder = dataset.model_folder(trainer_name, run_plans["plans_name"], resolved.configuration)
+    with nnunet_output(model_folder / f"fold_{fold}" / LOG_FILE, verbose) as screen:
+        trainer = train(dataset, run_plans, resolved.configuration, fold, trainer_name, device, continue_training,
+                        save_npz, screen, progress=not verbose)
+        tables, details = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False,
+                                   subset, test)
 
     fold_dir = Path(trainer.output_folder)
     load_weights = run_plans["pretrain_info"]["weights"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
-from mass_nnu.adapter.training import bare_network, nnUNetTrainer, reading_preloaded_checkpoint
+from mass_nnu.adapter.training import bare_network, last_epoch_figures, nnUNetTrainer, reading_preloaded_checkpoint
 from mass_nnu.errors import MassError
 from mass_nnu.finetuning.budget import select_budget
 from mass_nnu.finetuning.incontext_head import build_incontext_network, class_tokens
@@ -157,6 +157,7 @@ class nnUNetTrainerMASS(nnUNetTrainer):
                             "use --head new")
         self.pretrained_weights: str | None = None
         self.weights_report: dict | None = None
+        self.progress = None  # a tqdm bar over the epochs, set by mass finetune when nnU-Net's output is hidden
 
     # ---- weights -------------------------------------------------------------------------------------------
     def weights_source(self) -> Path | None:
@@ -240,6 +241,13 @@ class nnUNetTrainerMASS(nnUNetTrainer):
             torch.manual_seed(self.seed)
         super().initialize()
         self.load_pretrained()
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.progress is not None:  # mass finetune's bar (quiet mode); nnU-Net's own runs have none
+            loss, dice = last_epoch_figures(self)
+            self.progress.set_postfix(loss=f"{loss:.3f}", pseudo_dice=f"{dice:.3f}", refresh=False)
+            self.progress.update(1)
 
     # ---- checkpoints: written atomically, read with weights_only=True ------------------------------------------
     def save_checkpoint(self, filename: str) -> None:

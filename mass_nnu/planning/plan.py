@@ -13,6 +13,7 @@ from mass_nnu.adapter import planning as nnunet_planning
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.preprocessed import data_folder, preprocessed_case_ids
 from mass_nnu.errors import MassError
+from mass_nnu.io import nnunet_output
 from mass_nnu.planning.otsu_labels import ensure_labels
 from mass_nnu.planning.raw_checks import check_raw_dataset
 from mass_nnu.planning.transfer import transfer_plans
@@ -22,7 +23,7 @@ LOG_FILE = "mass_plan_log.txt"  # nnU-Net's planning and preprocessing output, p
 
 def quiet(dataset: Dataset, verbose: bool):
     """nnU-Net's own output of work on ``dataset``: on screen with ``verbose``, else in its log file."""
-    return nnunet_planning.nnunet_output(dataset.preprocessed / LOG_FILE, verbose)
+    return nnunet_output(dataset.preprocessed / LOG_FILE, verbose)
 
 
 def plan_datasets(datasets: Sequence, planner: str = "nnUNetPlannerResEncM",
