@@ -47,7 +47,7 @@ def test_pretrain_kill_9_and_resume(experiment_env, tmp_path):
     saved = torch.load(out / "checkpoint_latest.pth", weights_only=True)["epoch"]
     assert 1 <= saved < 6
 
-    resumed = subprocess.run([sys.executable, "-m", "mass_nnu", *map(str, args), "--c", "--verbose"], env=env, capture_output=True,
+    resumed = subprocess.run([sys.executable, "-m", "mass_nnu", *map(str, args), "--c"], env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     match = re.search(r"resumed from checkpoint_latest.pth at epoch (\d+)", resumed.stdout)
