@@ -10,7 +10,8 @@
 #   bash benchmarks/protocol_runs.sh variant-502 NAME OPTIONS... # a choice on validation, budgets 1 and all, e.g.
 #        variant-502 scratch_lr0.03 --methods scratch --method-lr scratch=0.03    (SEEDS=2 for two seeds)
 #        variant-502 head_new --methods mass --head new
-#   METHOD_LR=... EPOCHS=80 bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]   # mass, scratch; budgets 1, all
+#   METHOD_LR=... EPOCHS=80 [METHODS=scratch] bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]
+#        # mass and scratch (or METHODS), budgets 1 and all, validation and test Dice
 #   python benchmarks/convergence.py $BENCH/out/final_502 $BENCH/out/conv_e*_502_* -o docs/convergence_mni.png
 #   METHOD_LR="scratch=0.1 mass=0.03 random-init=0.03" bash benchmarks/protocol_runs.sh final-502 [SEEDS]
 #        # the final cells at the lr per method chosen on validation: mass, scratch, random-init, incontext in
@@ -76,10 +77,13 @@ case $stage in
     bench "variant_${name}_$ds" on "$ds" --budgets 1 --budgets all --seeds "${SEEDS:-1}" "$@" ;;
   convergence-502|convergence-503)  # EPOCHS=80 (960 it.), 167 (2004 it.), ...; 240 it. are the final_<ds> cells
     # validation and test Dice of every run (a curve to report, not a choice: nothing is chosen on these cells)
-    ds=${stage#convergence-}
+    # METHODS="scratch" (default "mass scratch"): one method per run, so two runs share the two cores
+    ds=${stage#convergence-} methods=() tag=""
     [[ $EPOCHS == 20 ]] && { echo "convergence: set EPOCHS (80, 167, ...); 20 is the preset's final_$ds" >&2; exit 2; }
-    bench "conv_e${EPOCHS}_$ds$LR_TAG" on "$ds" --budgets 1 --budgets all --seeds "${2:-1}" --methods mass \
-      --methods scratch "${LR_FLAGS[@]}" --split test ;;
+    for m in ${METHODS:-mass scratch}; do methods+=(--methods "$m"); done
+    [[ -n ${METHODS:-} ]] && tag="_${METHODS// /_}"
+    bench "conv_e${EPOCHS}_$ds$LR_TAG$tag" on "$ds" --budgets 1 --budgets all --seeds "${2:-1}" "${methods[@]}" \
+      "${LR_FLAGS[@]}" --split test ;;
   final-502|final-503|test-502|test-503)
     ds=${stage#*-} split=validation
     [[ $stage == test-* ]] && split=test
