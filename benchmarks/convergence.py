@@ -1,7 +1,7 @@
 """Dice against fine-tuning iterations (issue 16, "converged baselines"), from `mass benchmark` output folders.
 
     python benchmarks/convergence.py OUT_DIR [OUT_DIR ...] -o docs/convergence_mni.png [--split validation|test]
-           [--title "..."]
+           [--title "..."] [--methods mass scratch] [--budgets 1 all]
 
 Each folder is one `mass benchmark` run at one schedule (e.g. `--epochs 20`, `80`, `167` with
 `--iters-per-epoch 12`: 240, 960, 2004 iterations, the same poly schedule shape, batch and patch); the cells'
@@ -9,7 +9,8 @@ settings give the iterations (epochs × iterations per epoch), so the folders ma
 other methods or budgets too. For every (method, budget) the plot shows the mean Dice over the seeds against
 iterations (log scale), each seed as a dot, and the script prints the same as a Markdown table with the per-seed
 figures. A method run at several learning rates (``--method-lr``) gives one series per lr. Cells without the
-requested split are left out (say so). Nothing is trained here.
+requested split are left out (say so); ``--methods`` and ``--budgets`` keep only those cells (default: mass and
+scratch at 1 and all labels). Nothing is trained here.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def load_points(folders: list[Path], split: str) -> tuple[dict, list[str]]:
-    """{(method, budget, lr): {iterations: {seed: dice}}} and the cells skipped for lack of ``split`` (lr None: the
-    trainer's default)."""
+def load_points(folders: list[Path], split: str, methods=("mass", "scratch"),
+                budgets=("1", "all")) -> tuple[dict, list[str]]:
+    """{(method, budget, lr): {iterations: {seed: dice}}} of the cells of ``methods`` at ``budgets``, and the cells
+    skipped for lack of ``split`` (lr None: the trainer's default)."""
     points: dict = defaultdict(lambda: defaultdict(dict))
     skipped, datasets = [], set()
     for folder in folders:
         for path in sorted((folder / "cells").glob("*.json")):
             cell = json.loads(path.read_text())
             settings = cell.get("settings", {})
-            if cell["method"] == "incontext" or "epochs" not in settings:
+            if cell["method"] not in methods or str(cell["budget"]) not in budgets or "epochs" not in settings:
                 continue
             if split not in cell.get("dice", {}):
                 skipped.append(str(path))
@@ -104,8 +106,10 @@ def main() -> None:
     parser.add_argument("-o", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--split", default="validation", choices=("validation", "test"))
     parser.add_argument("--title", default="Dice against fine-tuning iterations")
+    parser.add_argument("--methods", nargs="+", default=["mass", "scratch"])
+    parser.add_argument("--budgets", nargs="+", default=["1", "all"])
     args = parser.parse_args()
-    points, skipped = load_points(args.folders, args.split)
+    points, skipped = load_points(args.folders, args.split, args.methods, args.budgets)
     if not points:
         raise SystemExit(f"no fine-tuned cells with {args.split} Dice in {', '.join(map(str, args.folders))}")
     plot(points, args.o, args.split, args.title)
