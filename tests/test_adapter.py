@@ -74,7 +74,7 @@ def test_preprocessed_case_listing(experiment_env, tmp_path):
         require_case_ids(tmp_path)
 
 
-def test_trainer_construction_predictor_and_evaluation(experiment_env, tmp_path):
+def test_trainer_construction_predictor_and_evaluation(experiment_env, tmp_path, capfd):
     """A trainer built as nnUNetv2_train builds it; its checkpoint predicted by nnU-Net's predictor, scored by
     nnU-Net's evaluation."""
     import torch
@@ -98,9 +98,14 @@ def test_trainer_construction_predictor_and_evaluation(experiment_env, tmp_path)
     trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
 
     out = tmp_path / "pred"
-    predict_folder(Path(trainer.output_folder_base), 0, dataset.raw / "imagesTs", out, "cpu", mirroring=False)
+    capfd.readouterr()
+    predict_folder(Path(trainer.output_folder_base), 0, dataset.raw / "imagesTs", out, "cpu", mirroring=False,
+                   tile_progress=False)
+    assert "100%|" not in capfd.readouterr().err  # quiet: no per-case tile bar
     predicted = sorted(p.name for p in out.glob("*.nii.gz"))
     assert predicted == sorted(f"{c}.nii.gz" for c in dataset.cases("Ts"))
+    predict_folder(Path(trainer.output_folder_base), 0, dataset.raw / "imagesTs", out, "cpu", mirroring=False)
+    assert "100%|" in capfd.readouterr().err
     summary = evaluate_folder(dataset.raw / "labelsTs", out, plans, dataset.dataset_json(), tmp_path / "summary.json")
     labels = {str(v) for k, v in dataset.dataset_json()["labels"].items() if k != "background"}
     assert {str(k) for k in summary["mean"]} == labels and json.loads((tmp_path / "summary.json").read_text())["mean"]

@@ -107,12 +107,13 @@ def train_and_validate(trainer, save_probabilities: bool) -> None:
 
 
 def predict_folder(model_folder: Path, fold, input_folder: Path, output_folder: Path, device: str,
-                   mirroring: bool) -> None:
-    """nnU-Net's predictor on every image of ``input_folder`` (sequential: no worker processes)."""
+                   mirroring: bool, tile_progress: bool = True) -> None:
+    """nnU-Net's predictor on every image of ``input_folder`` (sequential: no worker processes); ``tile_progress``:
+    its progress bar over each case's sliding-window tiles."""
     load_nnunet_checkpoint(model_folder / f"fold_{fold}" / "checkpoint_final.pth")  # refuse pickles first
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=device != "cpu", device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=tile_progress)
     predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), "checkpoint_final.pth")
     output_folder.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(str(input_folder), str(output_folder), save_probabilities=False,

@@ -197,7 +197,7 @@ def check_validation_cases(summary_file: Path, scored: list[str], val_cases: lis
 
 
 def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirroring: bool,
-             train_cases: list[str], test: bool = True) -> tuple[dict, dict]:
+             train_cases: list[str], test: bool = True, verbose: bool = False) -> tuple[dict, dict]:
     """Dice of the fold's validation cases (nnU-Net's final validation; with ``-f all`` those are the training
     cases, so the table is called "training") and, with ``test``, of imagesTs when it has labels.
     Returns (tables {split: {class: Dice, "mean"}}, details {split: {"mean", "per_structure", "absent", "cases"}})."""
@@ -219,7 +219,8 @@ def evaluate(dataset: Dataset, trainer, run_plans: dict, fold, device: str, mirr
     images_ts, labels_ts = dataset.raw / "imagesTs", dataset.raw / "labelsTs"
     predictions = fold_dir / "predictions_imagesTs"
     if test and images_ts.is_dir() and any(images_ts.iterdir()):
-        training.predict_folder(Path(trainer.output_folder_base), fold, images_ts, predictions, device, mirroring)
+        training.predict_folder(Path(trainer.output_folder_base), fold, images_ts, predictions, device, mirroring,
+                                tile_progress=verbose)
         if labels_ts.is_dir() and any(labels_ts.iterdir()):
             summary_file = fold_dir / "summary_imagesTs.json"
             training.evaluate_folder(labels_ts, predictions, run_plans, dataset_json, summary_file)
@@ -254,7 +255,7 @@ def finetune_dataset(dataset, settings: FinetuneSettings | None = None, weights=
         trainer = train(dataset, run_plans, resolved.configuration, fold, trainer_name, device, continue_training,
                         save_npz, screen, progress=not verbose)
         tables, details = evaluate(dataset, trainer, run_plans, fold, device, settings.mirroring is not False,
-                                   subset, test)
+                                   subset, test, verbose)
 
     fold_dir = Path(trainer.output_folder)
     load_weights = run_plans["pretrain_info"]["weights"]
