@@ -1,6 +1,6 @@
 """Dice against fine-tuning iterations (issue 16, "converged baselines"), from `mass benchmark` output folders.
 
-    python benchmarks/convergence.py OUT_DIR [OUT_DIR ...] -o docs/convergence_mni.png [--split validation|test]
+    python benchmarks/convergence.py OUT_DIR [OUT_DIR ...] -o docs/convergence_mni.png [--split validation test]
            [--title "..."] [--methods mass scratch] [--budgets 1 all]
 
 Each folder is one `mass benchmark` run at one schedule (e.g. `--epochs 20`, `80`, `167` with
@@ -71,30 +71,33 @@ def markdown(points: dict, split: str) -> str:
     return f"{split} Dice (%), mean over seeds (per seed)\n\n" + "\n".join(lines)
 
 
-def plot(points: dict, out: Path, split: str, title: str) -> None:
+def plot(points_by_split: dict, out: Path, title: str) -> None:
+    """One panel per split ({split: points}), the same axes and styles."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(6.5 * len(points_by_split), 4.5))
+    axes = fig.subplots(1, len(points_by_split), sharey=True, squeeze=False)[0]
     styles = {"mass": "C0", "scratch": "C1", "random-init": "C2"}
-    for (method, budget, lr), series in sorted(points.items(), key=_order):
-        xs = sorted(series)
-        means = [100 * sum(series[x].values()) / len(series[x]) for x in xs]
-        name = _name(method, lr)
-        ax.plot(xs, means, marker="o", color=styles.get(method, "C3"), linestyle="-" if budget == "all" else "--",
-                label=f"{name}, {budget} label(s)" if budget != "all" else f"{name}, all labels")
-        for x in xs:
-            ax.scatter([x] * len(series[x]), [100 * v for v in series[x].values()], s=10,
-                       color=styles.get(method, "C3"), alpha=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("fine-tuning iterations (batch 2)")
-    ax.set_ylabel(f"{split} Dice (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (split, points) in zip(axes, points_by_split.items()):
+        for (method, budget, lr), series in sorted(points.items(), key=_order):
+            xs = sorted(series)
+            means = [100 * sum(series[x].values()) / len(series[x]) for x in xs]
+            labels = "all labels" if budget == "all" else f"{budget} label{'' if str(budget) == '1' else 's'}"
+            ax.plot(xs, means, marker="o", color=styles.get(method, "C3"), linestyle="-" if budget == "all" else "--",
+                    label=f"{_name(method, lr)}, {labels}")
+            for x in xs:
+                ax.scatter([x] * len(series[x]), [100 * v for v in series[x].values()], s=10,
+                           color=styles.get(method, "C3"), alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tuning iterations (batch 2)")
+        ax.set_ylabel("Dice (%)")
+        ax.set_title(f"{split} split")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -104,18 +107,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("-o", type=Path, required=True, help="the PNG to write")
-    parser.add_argument("--split", default="validation", choices=("validation", "test"))
+    parser.add_argument("--split", nargs="+", default=["validation"], choices=("validation", "test"),
+                        help="one panel and one table per split")
     parser.add_argument("--title", default="Dice against fine-tuning iterations")
     parser.add_argument("--methods", nargs="+", default=["mass", "scratch"])
     parser.add_argument("--budgets", nargs="+", default=["1", "all"])
     args = parser.parse_args()
-    points, skipped = load_points(args.folders, args.split, args.methods, args.budgets)
-    if not points:
-        raise SystemExit(f"no fine-tuned cells with {args.split} Dice in {', '.join(map(str, args.folders))}")
-    plot(points, args.o, args.split, args.title)
-    print(markdown(points, args.split))
-    if skipped:
-        print(f"\n{len(skipped)} cell(s) without {args.split} Dice left out, e.g. {skipped[0]}")
+    points_by_split = {}
+    for split in args.split:
+        points, skipped = load_points(args.folders, split, args.methods, args.budgets)
+        if not points:
+            raise SystemExit(f"no fine-tuned cells with {split} Dice in {', '.join(map(str, args.folders))}")
+        points_by_split[split] = points
+        print(markdown(points, split) + "\n")
+        if skipped:
+            print(f"{len(skipped)} cell(s) without {split} Dice left out, e.g. {skipped[0]}\n")
+    plot(points_by_split, args.o, args.title)
     print(f"\nwrote {args.o}")
 
 

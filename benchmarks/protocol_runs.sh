@@ -12,7 +12,8 @@
 #        variant-502 head_new --methods mass --head new
 #   METHOD_LR=... EPOCHS=80 [METHODS=scratch] bash benchmarks/protocol_runs.sh convergence-502 [SEEDS]
 #        # mass and scratch (or METHODS), budgets 1 and all, validation and test Dice
-#   python benchmarks/convergence.py $BENCH/out/final_502 $BENCH/out/conv_e*_502_* -o docs/convergence_mni.png
+#   python benchmarks/convergence.py $BENCH/out/final_502 $BENCH/out/conv_e*_502_* -o docs/convergence_mni.png \
+#        --split validation test
 #   METHOD_LR="scratch=0.1 mass=0.03 random-init=0.03" bash benchmarks/protocol_runs.sh final-502 [SEEDS]
 #        # the final cells at the lr per method chosen on validation: mass, scratch, random-init, incontext in
 #        # out/final_502; cells of on_502 (default lr) and of the variants <method>_lr<LR> are reused, the rest run
