@@ -340,3 +340,15 @@ def test_model_on_plans_from_mass_plan(nnunet_env, run_cli):
     with torch.no_grad():
         out = model(torch.randn(1, 1, *patch), masks, torch.randn(1, 1, *patch))
     assert tuple(out[0].shape) == (1, 2, *patch) and len(out) == len(cm.pool_op_kernel_sizes) - 2
+
+
+def test_memory_check_keeps_headroom_above_the_summed_estimate():
+    """The summed tensors are not the run's peak (the head CT's batch 2 fitted by the sum and was OOM-killed):
+    a run whose sum fits but not with the headroom is refused, before the first step."""
+    from mass_nnu.pretraining.memory import GIB, MARGIN, MemoryEstimate, check_memory
+
+    estimate = MemoryEstimate(parameters=GIB // 2, state=2 * GIB, activations=8 * GIB, batch=0)
+    assert MARGIN >= 1.2 and estimate.total == int(MARGIN * 10 * GIB)
+    check_memory(estimate, estimate.total, torch.device("cpu"), 2, (80, 192, 160))
+    with pytest.raises(MassError, match="--batch-size 1"):
+        check_memory(estimate, 11 * GIB, torch.device("cpu"), 2, (80, 192, 160))
