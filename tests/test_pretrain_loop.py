@@ -250,5 +250,33 @@ def test_refuses_a_step_that_cannot_fit_in_one_line(experiment_env, tmp_path, ru
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mass: error: pretraining needs about")
     assert "GiB is available" in lines[0] and "smaller patch" in lines[0] and "--no-memory-check" in lines[0]
-    assert "--activation-checkpointing" in lines[0]
+    assert "--activation-checkpointing" not in lines[0]  # by default already tried: it does not fit either
     assert not out.exists() or not list(out.glob("checkpoint_*.pth"))
+
+
+def test_checkpointing_is_turned_on_when_only_it_makes_the_step_fit(experiment_env, tmp_path, run_cli, monkeypatch):
+    """Available memory between the real estimates with and without activation checkpointing: by default the run
+    turns checkpointing on and trains; with --no-activation-checkpointing it refuses and names the option."""
+    import torch
+
+    from mass_nnu.adapter.datasets import Dataset
+    from mass_nnu.pretraining import trainer
+    from mass_nnu.pretraining.memory import estimate_memory
+
+    plans = Dataset.resolve(experiment_env["pretrain"]).plans(experiment_env["plans"])
+    plain, lean = (estimate_memory(plans, "3d_fullres", 1, {}, 1, 13, checkpoint_reference=c).total
+                   for c in (False, True))
+    assert lean < plain
+    monkeypatch.setattr(trainer, "available_memory", lambda device: (lean + plain) // 2)
+    out = tmp_path / "auto"
+    result = run_cli(*_args(experiment_env, out, epochs=1))
+    assert result.exit_code == 0, result.output
+    assert "turning it on" in result.output and "reference encoder checkpointed" in result.output
+    saved = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert saved["settings"]["activation_checkpointing"] is True
+
+    refused = tmp_path / "off"
+    result = run_cli(*_args(experiment_env, refused, epochs=1), "--no-activation-checkpointing")
+    assert result.exit_code == 1
+    assert "--activation-checkpointing" in result.stderr.strip().splitlines()[-1]
+    assert not refused.exists() or not list(refused.glob("checkpoint_*.pth"))

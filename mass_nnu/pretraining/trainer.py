@@ -58,7 +58,9 @@ class PretrainSettings:
     seed: int = 0
     num_workers: int = 0
     compile: bool = False
-    activation_checkpointing: bool = False  # the reference's encoder pass recomputed in backward (less memory)
+    # the reference's encoder pass recomputed in backward (less memory, one more encoder forward); None: only when
+    # the memory check finds that the step fits with it and not without
+    activation_checkpointing: bool | None = None
     max_tasks: int = 13
     mass_config: dict = field(default_factory=dict)
     memory_check: bool = True       # estimate the step's peak memory first and refuse one that cannot fit
@@ -126,7 +128,7 @@ class MASSPretrainer:
         self.num_channels = len(self.dataset_json["channel_names"])
         torch.manual_seed(settings.seed)
         self.model = build_mass_model(self.plans, configuration, self.num_channels, **settings.mass_config)
-        self.model.checkpoint_reference = settings.activation_checkpointing
+        self.model.checkpoint_reference = bool(settings.activation_checkpointing)
         self.fingerprint = architecture_fingerprint(self.model.backbone.state_dict())
         self._check_datasets(plans_identifier)
         self.model.to(self.device)
@@ -188,18 +190,34 @@ class MASSPretrainer:
 
     def check_memory(self) -> None:
         """Before the first step: the step's estimated peak (memory.py) against the memory available on this
-        device; one MassError line with the estimate and the ways out when it cannot fit."""
-        if not self.settings.memory_check:
-            return
+        device; one MassError line with the estimate and the ways out when it cannot fit. With
+        ``activation_checkpointing`` None (the default) checkpointing is turned on when only it makes the step fit
+        (it changes no result, only memory and time)."""
         s = self.settings
-        estimate = estimate_memory(self.plans, self.configuration, self.num_channels, self.model.mass_config(),
-                                   s.batch_size, s.max_tasks, self.device.type,
-                                   checkpoint_reference=s.activation_checkpointing)
+        if not s.memory_check:
+            s.activation_checkpointing = bool(s.activation_checkpointing)
+            return
+
+        def estimate(checkpointing: bool):
+            return estimate_memory(self.plans, self.configuration, self.num_channels, self.model.mass_config(),
+                                   s.batch_size, s.max_tasks, self.device.type, checkpoint_reference=checkpointing)
+
         available = available_memory(self.device)
+        checkpointing = bool(s.activation_checkpointing)
+        peak = estimate(checkpointing)
+        if s.activation_checkpointing is None and peak.total > available:
+            lean = estimate(True)
+            if lean.total <= available:
+                self.log(f"memory: the step needs about {peak.total / 2 ** 30:.1f} GiB without activation "
+                         f"checkpointing; turning it on (--no-activation-checkpointing to refuse instead)")
+            checkpointing, peak = True, lean
+        s.activation_checkpointing = checkpointing
+        self.model.checkpoint_reference = checkpointing
         patch = self.plans["configurations"][self.configuration]["patch_size"]
-        self.log(f"memory: estimated peak {estimate.total / 2 ** 30:.1f} GiB, available "
-                 f"{available / 2 ** 30:.1f} GiB ({self.device.type})")
-        check_memory(estimate, available, self.device, s.batch_size, patch, s.activation_checkpointing)
+        self.log(f"memory: estimated peak {peak.total / 2 ** 30:.1f} GiB, available "
+                 f"{available / 2 ** 30:.1f} GiB ({self.device.type})"
+                 f"{', reference encoder checkpointed' if checkpointing else ''}")
+        check_memory(peak, available, self.device, s.batch_size, patch, checkpointing)
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, *parts) -> None:
