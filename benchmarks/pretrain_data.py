@@ -1,7 +1,7 @@
 """Per-sample CPU cost of pretraining data at real size: the old whole-volume path against the current sampler.
 
     python benchmarks/pretrain_data.py -d 720 [-p nnUNetResEncUNetMPlans] [-c 3d_fullres] [--patch 128 128 128]
-           [--max-tasks 13] [--samples 4] [--warmup 1] [--seed 0] [--p4-cases 1] [--working-spacing 2.0]
+           [--max-tasks 13] [--samples 12] [--warmup 1] [--seed 0] [--p4-cases 1] [--working-spacing 2.0]
 
 The dataset must be planned (``mass plan -d ID``) and proposed (``mass propose -d ID``). ``--patch`` overrides the
 plans' patch (default 128³, the paper's); ``--patch 0`` keeps the plans' one. 12 proposal tasks + the all-ones task
@@ -176,7 +176,7 @@ def main() -> None:
     parser = plans_parser(__doc__, "planned dataset with proposals")
     parser.add_argument("--patch", type=int, nargs="+", default=[128, 128, 128])
     parser.add_argument("--max-tasks", type=int, default=13)
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=12)  # the draws vary (affine p 0.5 / 0.8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aug-split", action="store_true", help="also time the spatial part of the augmentation")
@@ -206,10 +206,13 @@ def main() -> None:
         print(f"{key:28s}{med['old'][key]:10.3f}{med['new'][key]:10.3f}{med['old'][key] / med['new'][key]:10.1f}")
     print(f"{'peak memory growth (MiB)':28s}{old['peak_mb']:10.1f}{new['peak_mb']:10.1f}"
           f"{old['peak_mb'] / max(new['peak_mb'], 1e-6):10.1f}")
+    mean = {side: statistics.fmean(r["total"] for r in results[side]["rows"]) for side in results}
+    print(f"{'total, mean':28s}{mean['old']:10.3f}{mean['new']:10.3f}{mean['old'] / mean['new']:10.1f}")
     if args.aug_split:
         print(f"new augmentation: spatial {med['new']['spatial']:.3f} s, intensity {med['new']['intensity']:.3f} s")
-    print(f"new total {med['new']['total']:.3f} s per sample (target ≤ 1.0): "
-          f"{'met' if med['new']['total'] <= 1.0 else 'MISSED'}")
+    worst = max(med["new"]["total"], mean["new"])  # a loader's throughput follows the mean
+    print(f"new total {med['new']['total']:.3f} s per sample (median; mean {mean['new']:.3f}; target ≤ 1.0 for both): "
+          f"{'met' if worst <= 1.0 else 'MISSED'}")
     if args.p4_cases:  # proposals per volume against nnU-Net's preprocessing (benchmarks/proposals_vs_preprocessing.py)
         from proposals_vs_preprocessing import measure_p4, p4_summary, print_p4
 

@@ -206,3 +206,27 @@ def test_reserved_case_id(nnunet_env):
         write_dataset_json(folder, "CT", {"background": 0, "foreground": 1}, 1, "x", "Clash")
     with pytest.raises(MassError, match="'summary' is reserved"):
         propose_dataset(722)
+
+
+def test_proposals_in_crop_counts_every_proposal_inside_the_box(tmp_path):
+    """The sampler's in-crop counts (table counts for proposals wholly inside, reads for the ones the box cuts)
+    equal counting each proposal's voxels in the zero-padded box by hand, for boxes inside, across and outside."""
+    from mass_nnu.pretraining.sampling import proposals_in_crop
+    from mass_nnu.proposals.store import open_proposals, write_proposals
+
+    rng = np.random.default_rng(4)
+    full = _blocks(rng, (20, 30, 26), 4, labels=20)
+    write_proposals(tmp_path / "c.b2nd", full, {"shape": [20, 30, 26], **GEOMETRY}, "t", {}, patch=(8, 8, 8))
+    store = open_proposals(tmp_path / "c.b2nd")
+    stats = store.table
+    boxes = [([0, 0, 0], [20, 30, 26]), ([2, 3, 4], [10, 20, 9]), ([-5, 25, -3], [9, 41, 30]), ([30, 0, 0], [35, 5, 5])]
+    boxes += [(low, low + rng.integers(1, 16, 3)) for low in rng.integers(-6, 24, (20, 3))]
+    whole = cut = 0
+    for low, high in boxes:
+        low, high = np.asarray(low), np.asarray(high)
+        box = tuple(slice(max(a, 0), max(b, 0)) for a, b in zip(low, high))
+        expected = [np.count_nonzero(full[(int(layer), *box)] == label) for layer, label in stats[:, :2]]
+        assert np.array_equal(proposals_in_crop(store, stats, low, high), expected)
+        inside = np.all((stats[:, 3:6] >= low) & (stats[:, 6:9] <= high), axis=1)
+        whole, cut = whole + int(inside.sum()), cut + int((~inside & (np.asarray(expected) > 0)).sum())
+    assert whole and cut  # both branches ran

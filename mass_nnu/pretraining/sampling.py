@@ -189,13 +189,18 @@ def view_centres(anchor, patch_size, context, settings: SamplerSettings,
 
 
 def proposals_in_crop(store: ProposalStore, stats: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Voxels of every proposal (stats row) inside the box [low, high) of the store's layers: only layers with a
-    row whose bounding box meets the box are read, and only inside the box; other rows are 0 uncounted."""
+    """Voxels of every proposal (stats row) inside the box [low, high) of the store's layers. A row whose bounding
+    box lies inside the box counts all its voxels (the table's count, nothing read); for the rows it cuts, a layer
+    is read only over the union of their boxes inside the box; rows whose box misses it are 0."""
     counts = np.zeros(len(stats), np.int64)
-    hits = np.all((stats[:, 3:6] < high) & (stats[:, 6:9] > low), axis=1)
-    for layer in np.unique(stats[hits, 0]):
-        rows = np.flatnonzero(hits & (stats[:, 0] == layer))
-        values = store.read(int(layer), low, high)
+    row_low, row_high = stats[:, 3:6], stats[:, 6:9]
+    hits = np.all((row_low < high) & (row_high > low), axis=1)
+    whole = hits & np.all((row_low >= low) & (row_high <= high), axis=1)
+    counts[whole] = stats[whole, 2]
+    cut = hits & ~whole
+    for layer in np.unique(stats[cut, 0]):
+        rows = np.flatnonzero(cut & (stats[:, 0] == layer))
+        values = store.read(int(layer), np.maximum(row_low[rows].min(0), low), np.minimum(row_high[rows].max(0), high))
         found = np.bincount(values.ravel(), minlength=int(stats[rows, 1].max()) + 1)
         counts[rows] = found[stats[rows, 1]]
     return counts
@@ -256,13 +261,15 @@ class TaskSampler:
             apply_view(transform, image_crop, mask_crop, int(rng.integers(2 ** 31)))
             for transform, (image_crop, mask_crop) in zip((self.weak, self.strong), drawn["views"])]
         keep = ref_masks.flatten(1).any(1)  # a task the augmented reference view lost would get a zero token
-        out = [(image, torch.cat((masks[keep], torch.ones((1, *masks.shape[1:]), dtype=masks.dtype))))  # whole crop
-               for image, masks in ((ref_image, ref_masks), (query_image, query_masks))]
-        k = out[0][1].shape[0]
-        pad = self.settings.max_tasks - k
-        padded = [torch.cat((m, torch.zeros((pad, *m.shape[1:]), dtype=m.dtype))) for _, m in out]
-        valid = torch.tensor([True] * k + [False] * pad)
-        return {"ref_image": out[0][0], "ref_masks": padded[0], "query_image": out[1][0],
+        k = int(keep.sum()) + 1  # + the whole-crop task
+        padded = []
+        for masks in (ref_masks, query_masks):  # (max_tasks, *P): kept tasks, the whole crop, empty padding
+            out = torch.zeros((self.settings.max_tasks, *masks.shape[1:]), dtype=masks.dtype)
+            torch.index_select(masks, 0, keep.nonzero().flatten(), out=out[:k - 1])
+            out[k - 1] = True
+            padded.append(out)
+        valid = torch.tensor([True] * k + [False] * (self.settings.max_tasks - k))
+        return {"ref_image": ref_image, "ref_masks": padded[0], "query_image": query_image,
                 "query_masks": padded[1], "valid": valid}
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> dict:
