@@ -95,14 +95,18 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, experiment_env, tmp
     assert a["history"]["val_loss"] == b["history"]["val_loss"]
 
 
-def test_ddp_gloo_two_processes(experiment_env, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["--no-activation-checkpointing", "--activation-checkpointing"])
+def test_ddp_gloo_two_processes(experiment_env, tmp_path, checkpointing):
+    """Two ranks under nnU-Net's DDP, also with the reference's encoder pass recomputed in backward (which the
+    memory check may turn on by itself)."""
     out = tmp_path / "ddp"
     env = {**os.environ, **experiment_env["env"], "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mass_nnu", *[str(a) for a in _args(experiment_env, out, epochs=1)]]
+           "-m", "mass_nnu", *[str(a) for a in _args(experiment_env, out, epochs=1)], checkpointing]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world size 2" in proc.stdout
+    assert ("reference encoder checkpointed" in proc.stdout) == (checkpointing == "--activation-checkpointing")
     assert (out / "checkpoint_final.pth").is_file() and (out / "nnunet_pretrained_weights.pth").is_file()
     assert len(list(out.glob("training_log_*.txt"))) == 1  # only rank 0 writes
 
