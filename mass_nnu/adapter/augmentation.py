@@ -55,7 +55,7 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
     out = np.zeros(((len(masks) + 7) // 8, *masks.shape[1:]), np.uint8)
     bit = np.empty(masks.shape[1:], np.uint8)
     for i, mask in enumerate(masks):
-        np.left_shift(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8), i % 8, out=bit)
+        np.left_shift(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False), i % 8, out=bit)
         np.bitwise_or(out[i // 8], bit, out=out[i // 8])
     return out.astype(np.int16)
 

@@ -210,7 +210,7 @@ class MASSPretrainer:
             if lean.total <= available:
                 self.log(f"memory: the step needs about {peak.total / 2 ** 30:.1f} GiB without activation "
                          f"checkpointing; turning it on (--no-activation-checkpointing to refuse instead)")
-            checkpointing, peak = True, lean
+            checkpointing, peak = True, lean  # if even this does not fit, the refusal gives the checkpointed estimate
         s.activation_checkpointing = checkpointing
         self.model.checkpoint_reference = checkpointing
         patch = self.plans["configurations"][self.configuration]["patch_size"]
