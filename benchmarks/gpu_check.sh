@@ -15,8 +15,9 @@
 # 4. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second.
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
 # GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (skip the compiled pretraining step: on CPU it compiles for ~5 min),
-# PYTHON (python).
-set -euo pipefail
+# PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per timed section, 150). A failing or timed-out section is logged
+# and the script goes on with the next one (each section's output stays in its own file); the exit status counts them.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -34,11 +35,20 @@ else
 fi
 PLANS=nnUNetResEncUNetMPlans
 DERIVED=${PLANS}_p${PATCH}
-log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-150}
+log() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - start ))s] $*"; }
+failed=0
+check() {  # check NAME COMMAND...: run a timed section, log and count its failure, never stop the script
+  local name=$1; shift
+  timeout "$STEP_TIMEOUT" "$@"
+  local rc=$?
+  if [[ $rc != 0 ]]; then failed=$((failed + 1)); log "FAILED ($name): exit $rc$([[ $rc == 124 ]] && echo ", timed out after ${STEP_TIMEOUT}s")"; fi
+  return 0
+}
 start=$(date +%s)
 
 log "data: phantom pair ($SIZE) into $nnUNet_raw"
-$PY - "$SIZE" <<'EOF'
+check data $PY - "$SIZE" <<'EOF'
 import sys
 from mass_nnu.demo_data.phantom import phantom_geometry, write_phantom_dataset
 from mass_nnu.workspace import configure_environment
@@ -50,10 +60,10 @@ write_phantom_dataset(731, "GpuCheckPre", 4, 0, shape=shape, spacing=spacing, se
 write_phantom_dataset(732, "GpuCheckSeg", 6, 0, shape=shape, spacing=spacing, seed=2, force=True, slabs=slabs)
 EOF
 log "plan (default ResEnc M, full width) and propose"
-$PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
-$PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
-$PY -m mass_nnu propose -d 731 -np "$NP" > "$ROOT/propose.txt"
-$PY - "$PLANS" "$DERIVED" "$PATCH" <<'EOF'
+check plan-732 $PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
+check plan-731 $PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
+check propose $PY -m mass_nnu propose -d 731 -np "$NP" > "$ROOT/propose.txt"
+check derived-plans $PY - "$PLANS" "$DERIVED" "$PATCH" <<'EOF'
 import json, sys
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.workspace import configure_environment
@@ -70,27 +80,20 @@ for ident in ("731", "732"):
 EOF
 
 log "P1/P3/P5 eager (bf16 autocast on cuda)"
-$PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
-    --warmup "$WARMUP" -np "$WORKERS" | tee "$ROOT/pretrain_step_eager.txt"
+check step-eager $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+    --warmup "$WARMUP" -np "$WORKERS" > >(tee "$ROOT/pretrain_step_eager.txt")
 log "P1/P3/P5 eager with --activation-checkpointing (the reference's encoder pass recomputed in backward)"
-$PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
-    --warmup "$WARMUP" -np "$WORKERS" --activation-checkpointing | tee "$ROOT/pretrain_step_checkpointing.txt"
-MODES="eager checkpointing"
-if [[ "$COMPILE" != 0 ]]; then
-  log "P1/P3/P5 torch.compile"
-  $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
-      --warmup "$WARMUP" -np "$WORKERS" --compile | tee "$ROOT/pretrain_step_compile.txt"
-  MODES="eager checkpointing compile"
-fi
+check step-checkpointing $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+    --warmup "$WARMUP" -np "$WORKERS" --activation-checkpointing > >(tee "$ROOT/pretrain_step_checkpointing.txt")
 
 log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile=true), in-context head from a 1-step pretraining"
-$PY -m mass_nnu pretrain -d 731 -p "$DERIVED" --epochs 1 --iters-per-epoch 1 --val-iters 1 --batch-size 1 -np 0 \
+check pretrain-1step $PY -m mass_nnu pretrain -d 731 -p "$DERIVED" --epochs 1 --iters-per-epoch 1 --val-iters 1 --batch-size 1 -np 0 \
     -device "$DEVICE" -o "$ROOT/pretrained" > "$ROOT/pretrain_1step.txt"
-nnUNet_compile=true $PY benchmarks/finetune_iteration.py -d 732 -p "$DERIVED" -w "$ROOT/pretrained" \
-    --iterations "$ITERS" --rounds "$ROUNDS" -device "$DEVICE" | tee "$ROOT/finetune_iteration.txt"
+check finetune env nnUNet_compile=true $PY benchmarks/finetune_iteration.py -d 732 -p "$DERIVED" -w "$ROOT/pretrained" \
+    --iterations "$ITERS" --rounds "$ROUNDS" -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
 
 log "loader throughput, $LOADER_WORKERS workers"
-$PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" <<'EOF' | tee "$ROOT/loader.txt"
+check loader $PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" > >(tee "$ROOT/loader.txt") <<'EOF'
 import sys, time
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.preprocessed import data_folder
@@ -114,17 +117,28 @@ print(f"loader: {workers} workers, patch {list(sampler.patch_size)}, batch {batc
       f"{batches * batch_size / seconds:.1f} samples/s ({seconds / batches:.3f} s/batch)")
 EOF
 
+MODES="eager checkpointing"
+if [[ "$COMPILE" != 0 ]]; then
+  log "P1/P3/P5 torch.compile"
+  STEP_TIMEOUT=$(( STEP_TIMEOUT + 120 )) check step-compile $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+      --warmup "$WARMUP" -np "$WORKERS" --compile > >(tee "$ROOT/pretrain_step_compile.txt")
+  MODES="eager checkpointing compile"
+fi
+
 log "summary (all outputs in $ROOT)"
 {
   echo "| check | figure |"
   echo "| --- | --- |"
   for mode in $MODES; do
     f=$ROOT/pretrain_step_$mode.txt
+    [[ -s $f ]] || { echo "| pretrain step ($mode) | failed |"; continue; }
     echo "| pretrain step ($mode): $(head -1 "$f") | $(grep -E '^(P1|P3|P5) ' "$f" | awk '{printf "%s %s (%s %s, %s); ", $1, $2, $3, $4, $5}') |"
     echo "| step time s, MASS / nnU-Net ($mode) | $(grep '^step time' "$f" | awk '{print $(NF-1)" / "$NF}') |"
     echo "| peak memory MiB, MASS / nnU-Net ($mode) | $(grep '^peak memory' "$f" | awk '{print $(NF-1)" / "$NF}') |"
   done
-  grep '^P2' "$ROOT/finetune_iteration.txt" | sed 's/^/| fine-tuning | /; s/$/ |/'
-  sed 's/^/| /; s/$/ | |/' "$ROOT/loader.txt"
+  grep -s '^P2' "$ROOT/finetune_iteration.txt" | sed 's/^/| fine-tuning | /; s/$/ |/'
+  sed 's/^/| /; s/$/ | |/' "$ROOT/loader.txt" 2>/dev/null
   echo "| wall time | $(( $(date +%s) - start )) s |"
+  echo "| failed sections | $failed |"
 } | tee "$ROOT/summary.md"
+exit $(( failed > 0 ))
