@@ -1,7 +1,7 @@
 """P2: iteration time of nnUNetTrainerMASS against nnU-Net's nnUNetTrainer, same plans, data and batch.
 
     python benchmarks/finetune_iteration.py -d 502 -p nnUNetResEncUNetMPlans_f8 [-c 3d_fullres] [-w WEIGHTS]
-           [--iterations 10] [--rounds 3] [-device cpu|cuda]
+           [--iterations 10] [--rounds 3] [-device cpu|cuda] [--heads new incontext]
 
 Both trainers are built in one process on the dataset's fold 0 with nnU-Net's own data loaders and augmentation
 (``nnUNet_n_proc_DA`` workers) and timed in alternating rounds, so machine load hits both alike. An iteration is
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("-device", default="cpu")
+    parser.add_argument("--heads", nargs="+", choices=("new", "incontext"), default=["new", "incontext"],
+                        help="the MASS rows to time (under torch.compile each row compiles once, ~1 min on a GPU)")
     args = parser.parse_args()
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="mass_p2_")  # throw-away trainer outputs
 
@@ -61,10 +63,11 @@ def main() -> None:
     from mass_nnu.finetuning.trainer import nnUNetTrainerMASS
     from mass_nnu.model.artifacts import find_mass_checkpoint, resolve_weights_path
 
-    trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None),
-                "nnUNetTrainerMASS": build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)}
+    trainers = {"nnUNetTrainer": build(nnUNetTrainer, args.d, args.p, args.c, args.device, None)}
+    if "new" in args.heads:
+        trainers["nnUNetTrainerMASS"] = build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device, args.w)
     full = find_mass_checkpoint(resolve_weights_path(args.w)) if args.w else None
-    if full:
+    if full and "incontext" in args.heads:
         head = {"head": "incontext", "mass_config": full[1]["mass_config"]}
         trainers["nnUNetTrainerMASS incontext"] = build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device,
                                                         args.w, head)

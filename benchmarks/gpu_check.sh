@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check, about 8 minutes on one H200: makes its own data (no downloads), writes under $OUT (else a temporary
-# folder), prints a summary table at the end.
+# One GPU check on one H200: makes its own data (no downloads), writes under $OUT (else a temporary folder), prints a
+# summary table at the end. First H200 run (2026-12-04, benchmarks/results/gpu_check_2026-12-04): data, plans and
+# proposals 104 s, eager steps 55 s, checkpointed 50 s, 1-step pretraining 50 s, loader 20 s; the compiled sections
+# take 2-4 min each, so the whole script needs about 12 min, and GPU_CHECK_COMPILE=0 (no compiled sections) about 6.
 #
 #   bash benchmarks/gpu_check.sh                         # on the GPU machine, from the repository root
 #   GPU_CHECK_TINY=1 GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # CPU dry run of every part, tiny sizes
@@ -14,7 +16,8 @@
 # 3. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP, with nnU-Net's compile;
 # 4. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second.
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (skip the compiled pretraining step: on CPU it compiles for ~5 min),
+# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: eager pretraining steps only, fine-tuning without nnUNet_compile; on
+# CPU the compiled step compiles for ~5 min),
 # PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per timed section, 150). A failing or timed-out section is logged
 # and the script goes on with the next one (each section's output stays in its own file); the exit status counts them.
 set -uo pipefail
@@ -86,11 +89,12 @@ log "P1/P3/P5 eager with --activation-checkpointing (the reference's encoder pas
 check step-checkpointing $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
     --warmup "$WARMUP" -np "$WORKERS" --activation-checkpointing > >(tee "$ROOT/pretrain_step_checkpointing.txt")
 
-log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile=true), in-context head from a 1-step pretraining"
+log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile unless GPU_CHECK_COMPILE=0), in-context head from a 1-step pretraining"
 check pretrain-1step $PY -m mass_nnu pretrain -d 731 -p "$DERIVED" --epochs 1 --iters-per-epoch 1 --val-iters 1 --batch-size 1 -np 0 \
     -device "$DEVICE" -o "$ROOT/pretrained" > "$ROOT/pretrain_1step.txt"
-check finetune env nnUNet_compile=true $PY benchmarks/finetune_iteration.py -d 732 -p "$DERIVED" -w "$ROOT/pretrained" \
-    --iterations "$ITERS" --rounds "$ROUNDS" -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
+STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) check finetune env nnUNet_compile=$([[ $COMPILE != 0 ]] && echo true || echo false) $PY benchmarks/finetune_iteration.py \
+    -d 732 -p "$DERIVED" -w "$ROOT/pretrained" --heads incontext --iterations "$ITERS" --rounds "$ROUNDS" \
+    -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
 
 log "loader throughput, $LOADER_WORKERS workers"
 check loader $PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" > >(tee "$ROOT/loader.txt") <<'EOF'
@@ -120,7 +124,7 @@ EOF
 MODES="eager checkpointing"
 if [[ "$COMPILE" != 0 ]]; then
   log "P1/P3/P5 torch.compile"
-  STEP_TIMEOUT=$(( STEP_TIMEOUT + 120 )) check step-compile $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+  STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) check step-compile $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
       --warmup "$WARMUP" -np "$WORKERS" --compile > >(tee "$ROOT/pretrain_step_compile.txt")
   MODES="eager checkpointing compile"
 fi

@@ -324,3 +324,48 @@ def test_components_split_classes_and_never_wrap_uint16():
     assert out.dtype == np.uint16 and len(np.unique(out)) - 1 == 65535
     block = out[4, 100:104, 0:8]
     assert (block > 0).all() and len(np.unique(block)) == 1 and np.count_nonzero(out == block[0, 0]) == 32
+
+
+def test_components_number_like_skimage_label():
+    """The proposals' order (which of two duplicates survives) depends on the numbering: cc3d's must be skimage's."""
+    from scipy import ndimage
+    from skimage.measure import label
+
+    from mass_nnu.proposals.supervoxel import components
+
+    rng = np.random.default_rng(3)
+    classes = ndimage.zoom(rng.integers(0, 4, (6, 7, 8)), 4, order=0).astype(np.uint16)  # blocky classes, some 0
+    classes[rng.random(classes.shape) < 0.05] = 2  # speckle: many one-voxel components
+    expected = label(classes, background=0, connectivity=1)
+    assert expected.max() > 100
+    assert np.array_equal(components(classes), expected)
+
+
+def test_filter_layer_applies_every_rule_to_every_label():
+    """The vectorised filter keeps exactly the labels that ``passes`` accepts one by one, with their boxes and sizes."""
+    from scipy import ndimage
+
+    from mass_nnu.proposals.filtering import FilterSettings, filter_layer, passes
+
+    rng = np.random.default_rng(4)
+    layer = ndimage.zoom(rng.integers(0, 60, (5, 6, 6)), (6, 5, 5), order=0).astype(np.uint16)
+    layer[layer == 7] = 0                                   # a missing label value
+    layer[2:4, :, 10] = 61                                  # a thin sheet (fails the fill rule at some sizes)
+    foreground = np.ones(layer.shape, bool)
+    foreground[:, :4] = False                               # labels partly outside the foreground
+    settings = FilterSettings(min_volume_mm3=30.0, min_fill=0.3, min_inside=0.9)
+    out, boxes, sizes = filter_layer(layer, foreground, 1.0, settings)
+    fg_volume = int(foreground.sum())
+    expected = []
+    for value, box in enumerate(ndimage.find_objects(layer), start=1):
+        if box is None:
+            continue
+        mask = layer == value
+        box_volume = int(np.prod([s.stop - s.start for s in box]))
+        if passes(int(mask.sum()), int((mask & foreground).sum()), box_volume, fg_volume, 1.0, settings):
+            expected.append((value, box, int(mask.sum())))
+    assert 0 < len(expected) < len(np.unique(layer)) - 1     # some kept, some dropped
+    assert [b for _, b, _ in expected] == boxes and [n for _, _, n in expected] == list(sizes)
+    for new, (value, _, _) in enumerate(expected, start=1):
+        assert np.array_equal(out == new, layer == value)
+    assert not np.isin(out, [0] + list(range(1, len(expected) + 1)), invert=True).any()

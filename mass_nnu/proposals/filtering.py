@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -38,29 +39,34 @@ def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float,
                  s: FilterSettings) -> tuple[np.ndarray, list, np.ndarray]:
     """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n.
     Returns (the relabelled map, the bounding box and the voxel count of labels 1..n), so that de-duplication needs
-    no second pass over the map. Counts come from ``np.bincount`` of the uint16 map (no float volumes)."""
+    no second pass over the map. Counts and boxes of all labels come from one pass (``cc3d.statistics``), and the
+    rules run on all labels at once."""
     n = int(layer.max()) + 1
     if n == 1:
         return np.zeros(layer.shape, np.uint16), [], np.zeros(0, np.int64)
-    fg_volume = max(int(np.count_nonzero(foreground)), 1)
-    sizes = np.bincount(layer.ravel(), minlength=n)
+    stats = cc3d.statistics(layer, no_slice_conversion=True)
+    sizes = stats["voxel_counts"].astype(np.int64)
+    bounds = stats["bounding_boxes"].astype(np.int64)  # per label: low, high (inclusive) of each axis
+    low, high = bounds[:, 0::2], bounds[:, 1::2] + 1
+    box_volume = np.prod(np.clip(high - low, 0, None), axis=1)
     inside = np.bincount(layer[foreground], minlength=n)
-    boxes = ndimage.find_objects(layer)
-    keep = []
-    for i in np.flatnonzero(sizes[1:]) + 1:
-        size, box = int(sizes[i]), boxes[i - 1]
-        box_volume = (box[0].stop - box[0].start) * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
-        if passes(size, int(inside[i]), box_volume, fg_volume, voxel_mm3, s):
-            keep.append(i)
+    fg_volume = max(int(np.count_nonzero(foreground)), 1)
+    keep = np.flatnonzero(passes(sizes, inside, box_volume, fg_volume, voxel_mm3, s))
+    keep = keep[keep > 0]
     lut = np.zeros(n, np.uint16)
-    lut[np.asarray(keep, int)] = np.arange(1, len(keep) + 1)
-    return lut[layer], [boxes[i - 1] for i in keep], sizes[np.asarray(keep, int)]
+    lut[keep] = np.arange(1, len(keep) + 1)
+    boxes = [tuple(slice(int(a), int(b)) for a, b in zip(low[i], high[i])) for i in keep]
+    return lut[layer], boxes, sizes[keep]
 
 
-def passes(size: int, inside: int, box_volume: int, fg_volume: int, voxel_mm3: float, s: FilterSettings) -> bool:
-    """The size / fraction-of-foreground / compactness (fill of the box) / inside-the-foreground rules for one mask."""
-    return (size > 0 and size * voxel_mm3 >= s.min_volume_mm3 and s.min_fraction <= size / fg_volume <= s.max_fraction
-            and size / box_volume >= s.min_fill and inside / size >= s.min_inside)
+def passes(size, inside, box_volume, fg_volume: int, voxel_mm3: float, s: FilterSettings):
+    """The size / fraction-of-foreground / compactness (fill of the box) / inside-the-foreground rules, for one
+    mask or elementwise for arrays of masks (counts as integers)."""
+    size, inside, box_volume = (np.asarray(v, np.int64) for v in (size, inside, box_volume))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = size / fg_volume
+        return ((size > 0) & (size * voxel_mm3 >= s.min_volume_mm3) & (fraction >= s.min_fraction)
+                & (fraction <= s.max_fraction) & (size / box_volume >= s.min_fill) & (inside / size >= s.min_inside))
 
 
 class Proposal:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 from scipy.ndimage import gaussian_filter
-from skimage.measure import label
 from skimage.segmentation import slic
 from sklearn.cluster import KMeans
 
@@ -77,27 +77,30 @@ def slic_layers(image01, foreground, spacing, s: SupervoxelSettings) -> list[np.
     return layers
 
 
-def intensity_classes(image01, foreground, k: int, seed: int) -> np.ndarray:
-    """k-means of smoothed intensities inside the foreground; class map 1..k (0 outside)."""
-    smooth = gaussian_filter(image01, 0.7)
-    values = smooth[foreground].reshape(-1, 1)
+def smoothed_values(image01, foreground) -> np.ndarray:
+    """The intensities that ``intensity_classes`` clusters: smoothed, inside the foreground, as one column."""
+    return gaussian_filter(image01, 0.7)[foreground].reshape(-1, 1)
+
+
+def intensity_classes(values, foreground, k: int, seed: int) -> np.ndarray:
+    """k-means of the foreground's smoothed intensities (``smoothed_values``); class map 1..k (0 outside)."""
     sample = values[np.random.default_rng(seed).choice(len(values), min(len(values), 20000), replace=False)]
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
     centres = np.sort(km.cluster_centers_.ravel())
     # nearest centre in 1-D = the interval between midpoints (k-means' predict without its (N, k) distances)
-    classes = np.zeros(image01.shape, np.uint16)
+    classes = np.zeros(foreground.shape, np.uint16)
     classes[foreground] = np.searchsorted((centres[:-1] + centres[1:]) / 2, values.ravel()) + 1
     return classes
 
 
 def components(classes: np.ndarray) -> np.ndarray:
     """Connected components of every class (6-connectivity, as ``ndimage.label``'s default), as one instance map,
-    in one pass: neighbours join only when their class is equal. Beyond 65535 components the smallest are dropped
-    (uint16; they are far below the filters' minimum volume)."""
-    labels = label(classes, background=0, connectivity=1)
-    n = int(labels.max())
+    in one pass: neighbours join only when their class is equal, numbered in raster order (cc3d; the same map as
+    skimage's ``label(connectivity=1)``, 3-10× faster). Beyond 65535 components the smallest are dropped (uint16;
+    they are far below the filters' minimum volume)."""
+    labels, n = cc3d.connected_components(classes, connectivity=6, return_N=True)
     if n <= np.iinfo(np.uint16).max:
-        return labels.astype(np.uint16)
+        return labels.astype(np.uint16, copy=False)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     lut = np.zeros(n + 1, np.uint16)
@@ -140,8 +143,9 @@ def _layers(image, image01, foreground, spacing, s: SupervoxelSettings):
     core = None
     if s.core_depth_mm > 0:
         core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm
+    values = smoothed_values(image01, foreground)
     for k in s.intensity_classes:
-        classes = intensity_classes(image01, foreground, k, s.seed)
+        classes = intensity_classes(values, foreground, k, s.seed)
         yield components(classes)
         if core is not None:
             yield components(np.where(core, classes, 0).astype(np.uint16))
