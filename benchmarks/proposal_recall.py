@@ -22,6 +22,8 @@ VARIANTS = {
     "both-off": {"half_splits": False, "core_depth_mm": 0.0},
     "slic-working-grid": {"slic_max_spacing_mm": 0.0},  # every SLIC scale on the working grid (before per-scale grids)
     "slic-factor-1.5": {"slic_min_factor": 1.5},  # before 2026-12-02: a coarser SLIC grid only from a factor 1.5
+    "working-3mm": {"working_spacing_mm": 3.0},  # `mass propose --working-spacing 3` (default 2)
+    "working-4mm": {"working_spacing_mm": 4.0},
 }
 
 
