@@ -369,3 +369,16 @@ def test_filter_layer_applies_every_rule_to_every_label():
     for new, (value, _, _) in enumerate(expected, start=1):
         assert np.array_equal(out == new, layer == value)
     assert not np.isin(out, [0] + list(range(1, len(expected) + 1)), invert=True).any()
+
+
+def test_filter_layer_on_a_tiny_crop_with_large_label_values():
+    """Label values above the crop's voxel count (cc3d.statistics refuses them) still filter like any others."""
+    from mass_nnu.proposals.filtering import FilterSettings, filter_layer
+
+    layer = np.zeros((2, 3, 4), np.uint16)
+    layer[0] = 500                     # 12 voxels, label value 500 > 24 voxels
+    layer[1, :, :2] = 7                # 6 voxels
+    settings = FilterSettings(min_volume_mm3=8.0, min_fraction=0.0, max_fraction=1.0, min_fill=0.0, min_inside=0.0)
+    out, boxes, sizes = filter_layer(layer, np.ones(layer.shape, bool), 1.0, settings)
+    assert list(sizes) == [12] and boxes == [(slice(0, 1), slice(0, 3), slice(0, 4))]
+    assert np.array_equal(out, (layer == 500).astype(np.uint16))

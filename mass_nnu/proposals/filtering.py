@@ -44,10 +44,7 @@ def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float,
     n = int(layer.max()) + 1
     if n == 1:
         return np.zeros(layer.shape, np.uint16), [], np.zeros(0, np.int64)
-    stats = cc3d.statistics(layer, no_slice_conversion=True)
-    sizes = stats["voxel_counts"].astype(np.int64)
-    bounds = stats["bounding_boxes"].astype(np.int64)  # per label: low, high (inclusive) of each axis
-    low, high = bounds[:, 0::2], bounds[:, 1::2] + 1
+    sizes, low, high = label_statistics(layer, n)
     box_volume = np.prod(np.clip(high - low, 0, None), axis=1)
     inside = np.bincount(layer[foreground], minlength=n)
     fg_volume = max(int(np.count_nonzero(foreground)), 1)
@@ -57,6 +54,20 @@ def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float,
     lut[keep] = np.arange(1, len(keep) + 1)
     boxes = [tuple(slice(int(a), int(b)) for a, b in zip(low[i], high[i])) for i in keep]
     return lut[layer], boxes, sizes[keep]
+
+
+def label_statistics(layer: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel count (n,) and bounding box low, high (n, 3) [low, high) of labels 0..n-1 of a 3D map, in one pass
+    (``cc3d.statistics``); an absent label has count 0 and an empty box."""
+    if n <= layer.size:  # cc3d's limit: label values below the number of voxels
+        stats = cc3d.statistics(layer, no_slice_conversion=True)
+        bounds = stats["bounding_boxes"].astype(np.int64)  # per label: low, high (inclusive) of each axis
+        return stats["voxel_counts"].astype(np.int64), bounds[:, 0::2], bounds[:, 1::2] + 1
+    low, high = np.zeros((n, 3), np.int64), np.zeros((n, 3), np.int64)
+    for value, box in enumerate(ndimage.find_objects(layer), start=1):
+        if box is not None:
+            low[value], high[value] = [b.start for b in box], [b.stop for b in box]
+    return np.bincount(layer.ravel(), minlength=n), low, high
 
 
 def passes(size, inside, box_volume, fg_volume: int, voxel_mm3: float, s: FilterSettings):
