@@ -18,7 +18,8 @@
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
 # GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: eager pretraining steps only, fine-tuning without nnUNet_compile; on
 # CPU the compiled step compiles for ~5 min),
-# PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per timed section, 150). A failing or timed-out section is logged
+# GPU_CHECK_PROFILE=N (only the data and one eager pretrain_step.py run with N profiled steps per side: about
+# 3 min), PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per timed section, 150). A failing or timed-out section is logged
 # and the script goes on with the next one (each section's output stays in its own file); the exit status counts them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,7 @@ PY=${PYTHON:-python}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 WORKERS=${GPU_CHECK_WORKERS:-$([[ -n "${GPU_CHECK_TINY:-}" ]] && echo 2 || echo 12)}
 COMPILE=${GPU_CHECK_COMPILE:-1}
+PROFILE=${GPU_CHECK_PROFILE:-}
 ROOT=${OUT:-$(mktemp -d /tmp/mass_gpu_check.XXXXXX)}/gpu_check
 mkdir -p "$ROOT"
 export nnUNet_raw=$ROOT/raw nnUNet_preprocessed=$ROOT/preprocessed nnUNet_results=$ROOT/results
@@ -63,24 +65,40 @@ write_phantom_dataset(731, "GpuCheckPre", 4, 0, shape=shape, spacing=spacing, se
 write_phantom_dataset(732, "GpuCheckSeg", 6, 0, shape=shape, spacing=spacing, seed=2, force=True, slabs=slabs)
 EOF
 log "plan (default ResEnc M, full width) and propose"
-check plan-732 $PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
-check plan-731 $PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
+if [[ -n "$PROFILE" ]]; then  # the unlabelled set alone (same full-width architecture family, half the planning)
+  check plan-731 $PY -m mass_nnu plan -d 731 -np "$NP" > "$ROOT/plan_731.txt"
+else
+  check plan-732 $PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
+  check plan-731 $PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
+fi
 check propose $PY -m mass_nnu propose -d 731 -np "$NP" > "$ROOT/propose.txt"
 check derived-plans $PY - "$PLANS" "$DERIVED" "$PATCH" <<'EOF'
 import json, sys
 from mass_nnu.adapter.datasets import Dataset
+from mass_nnu.errors import MassError
 from mass_nnu.workspace import configure_environment
 configure_environment(quiet=True)
 source, derived, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for ident in ("731", "732"):
-    dataset = Dataset.resolve(ident)
-    plans = dataset.plans(source)
+    try:
+        dataset = Dataset.resolve(ident)
+        plans = dataset.plans(source)
+    except MassError:  # GPU_CHECK_PROFILE plans 731 only
+        continue
     plans["plans_name"] = derived
     plans["configurations"]["3d_fullres"]["patch_size"] = [patch] * 3  # same data_identifier: same data
     path = dataset.plans_file(derived)
     path.write_text(json.dumps(plans, indent=2))
     print(f"{path}: patch {[patch] * 3}")
 EOF
+
+if [[ -n "$PROFILE" ]]; then
+  log "profile: $PROFILE eager steps of each side under torch.profiler"
+  check profile $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
+      --warmup "$WARMUP" -np "$WORKERS" --profile "$PROFILE" --profile-rows 30 > >(tee "$ROOT/profile.txt")
+  log "done (GPU_CHECK_PROFILE: the other sections are skipped)"
+  exit $(( failed > 0 ))
+fi
 
 log "P1/P3/P5 eager (bf16 autocast on cuda)"
 check step-eager $PY benchmarks/pretrain_step.py -d 731 -p "$DERIVED" -device "$DEVICE" --batch-size 2 --steps "$STEPS" \
@@ -97,27 +115,27 @@ STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) check finetune env nnUNet_compile=$([[ $C
     -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
 
 log "loader throughput, $LOADER_WORKERS workers"
-check loader $PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" > >(tee "$ROOT/loader.txt") <<'EOF'
+check loader $PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" "$DEVICE" > >(tee "$ROOT/loader.txt") <<'EOF'
 import sys, time
 from mass_nnu.adapter.datasets import Dataset
 from mass_nnu.adapter.preprocessed import data_folder
 from mass_nnu.pretraining.sampling import BatchStream, CaseSource, TaskSampler, prepare_proposals
 from mass_nnu.workspace import configure_environment
 configure_environment(quiet=True)
-plans_name, workers, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+plans_name, workers, batches, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 dataset = Dataset.resolve("731")
 plans = dataset.plans(plans_name)
 folder, cases = prepare_proposals(dataset, plans, "3d_fullres")
 sampler = TaskSampler([CaseSource(data_folder(dataset, plans, "3d_fullres"), folder, c) for c in cases],
                       plans["configurations"]["3d_fullres"]["patch_size"])
 batch_size = 2
-loader = iter(BatchStream(sampler, batch_size, batches, 0).loader(0, workers, pin_memory=False))
+loader = iter(BatchStream(sampler, batch_size, batches, 0).loader(0, workers, pin_memory=device == "cuda"))  # as mass pretrain
 next(loader)  # workers started, first batch
 t0 = time.perf_counter()
 for _ in range(batches):
     next(loader)
 seconds = time.perf_counter() - t0
-print(f"loader: {workers} workers, patch {list(sampler.patch_size)}, batch {batch_size}: "
+print(f"loader: {workers} workers, patch {list(sampler.patch_size)}, batch {batch_size}, pinned {device == 'cuda'}: "
       f"{batches * batch_size / seconds:.1f} samples/s ({seconds / batches:.3f} s/batch)")
 EOF
 

@@ -1,7 +1,7 @@
 """MASS pretraining step against nnU-Net's supervised step, on the same plans, patch and batch.
 
     python benchmarks/pretrain_step.py -d 711 [-p nnUNetResEncUNetMPlans] [-c 3d_fullres] [--batch-size 2]
-           [--steps 4] [--warmup 1] [-np 2] [-device cpu|cuda]
+           [--steps 4] [--warmup 1] [-np 2] [-device cpu|cuda] [--profile N]
 
 The dataset must be planned (``mass plan``) and have proposals (``mass propose``); nnU-Net's trainer needs its
 labels (Otsu labels from ``mass plan`` do). Each side runs in its own subprocess so that peak memory is its own:
@@ -60,10 +60,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def profile_steps(step, args, device, part: str) -> None:
+    """``--profile N``: N more steps under torch.profiler; the top operators by self time (device time on CUDA)
+    go to ``<scratch>/profile_<part>.txt``, which the parent prints."""
+    if not args.profile:
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60)
+    with open(os.path.join(args.scratch, f"profile_{part}.txt"), "w") as f:
+        f.write(f"{part}: {args.profile} profiled steps, sorted by {key}\n{table}\n")
+
+
 def run_mass(args) -> dict:
     from mass_nnu.pretraining.trainer import MASSPretrainer, PretrainSettings
 
-    settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps, val_iterations=1,
+    settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps + args.profile, val_iterations=1,
                                 batch_size=args.batch_size, num_workers=args.np, seed=0, compile=args.compile,
                                 activation_checkpointing=args.activation_checkpointing,
                                 memory_check=False)
@@ -71,7 +90,7 @@ def run_mass(args) -> dict:
                              output=os.path.join(args.scratch, "mass"))
     trainer.build_data()
     device = trainer.device
-    loader = iter(trainer.train_stream.loader(0, args.np))
+    loader = iter(trainer.train_stream.loader(0, args.np, pin_memory=device.type == "cuda"))  # as mass pretrain
     for _ in range(args.warmup):
         trainer.train_step(next(loader))
     sync(device)
@@ -86,8 +105,10 @@ def run_mass(args) -> dict:
         t2 = time.perf_counter()
         wait += t1 - t0
         compute += t2 - t1
-    return {"step_s": compute / args.steps, "wait_fraction": wait / (wait + compute),
-            "peak_mb": memory_peak(device, start_mem), "patch": list(trainer.train_stream.sampler.patch_size)}
+    result = {"step_s": compute / args.steps, "wait_fraction": wait / (wait + compute),
+              "peak_mb": memory_peak(device, start_mem), "patch": list(trainer.train_stream.sampler.patch_size)}
+    profile_steps(lambda: trainer.train_step(next(loader)), args, device, "mass")
+    return result
 
 
 def run_nnunet(args) -> dict:
@@ -121,8 +142,10 @@ def run_nnunet(args) -> dict:
     for _ in range(args.steps):
         trainer.train_step(batch)
     sync(device)
-    return {"step_s": (time.perf_counter() - t0) / args.steps, "peak_mb": memory_peak(device, start_mem),
-            "patch": patch}
+    result = {"step_s": (time.perf_counter() - t0) / args.steps, "peak_mb": memory_peak(device, start_mem),
+              "patch": patch}
+    profile_steps(lambda: trainer.train_step(batch), args, device, "nnunet")
+    return result
 
 
 def main() -> None:
@@ -136,6 +159,9 @@ def main() -> None:
                         help="MASS side: mass pretrain --activation-checkpointing (reference encoder recomputed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (MASS: --compile; "
                                                                    "nnU-Net: nnUNet_compile=true)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then N steps of each side under torch.profiler; prints the top operators")
+    parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--scratch", default=None, help="folder for the throw-away trainer outputs")
     parser.add_argument("--part", choices=("mass", "nnunet"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +197,9 @@ def main() -> None:
     print(f"{'figure':8s}{'value':>10s}{'target':>10s}  ok")
     for key, value in figures.items():
         print(f"{key:8s}{value:10.3f}{'≤ ' + str(TARGETS[key]):>10s}  {'yes' if value <= TARGETS[key] else 'NO'}")
+    for part in ("mass", "nnunet") if args.profile else ():
+        with open(os.path.join(args.scratch, f"profile_{part}.txt")) as f:
+            print(f.read())
 
 
 if __name__ == "__main__":
