@@ -49,6 +49,13 @@ def test_preprocessed_proposals_match_images_and_are_reused(experiment_env):
     assert [(folder / f"{cases[0]}{ext}").stat().st_mtime_ns for ext in (".b2nd", ".json")] == stamps  # made once
 
 
+def unpacked(sample: dict) -> dict:
+    """One sample with its masks unpacked as the trainer does on the device: (max_tasks, *P) bool."""
+    from mass_nnu.pretraining.sampling import unpack_batch
+
+    return {key: value[0] for key, value in unpack_batch({k: v[None] for k, v in sample.items()}).items()}
+
+
 def test_sampler_views_and_tasks(experiment_env):
     import torch
 
@@ -56,7 +63,11 @@ def test_sampler_views_and_tasks(experiment_env):
     patch = sampler.patch_size
     rng = np.random.default_rng(0)
     for _ in range(4):
-        s = sampler.sample(rng)
+        packed = sampler.sample(rng)
+        # masks travel packed as bits: 12 task masks in 2 uint8 channels; slots say which mask each task slot holds
+        assert packed["ref_masks"].shape == (2, *patch) and packed["ref_masks"].dtype == torch.uint8
+        assert packed["slots"].shape == (13,) and packed["slots"].dtype == torch.int64
+        s = unpacked(packed)
         assert s["ref_image"].shape[1:] == patch and s["query_image"].shape == s["ref_image"].shape
         assert s["ref_masks"].shape == (13, *patch) and s["query_masks"].shape == (13, *patch)
         assert s["valid"].shape == (13,) and s["valid"].dtype == torch.bool
@@ -75,7 +86,7 @@ def test_sampler_views_and_tasks(experiment_env):
 
 def test_sampler_respects_max_tasks(experiment_env):
     sampler, _, _, _ = _sampler(experiment_env, max_tasks=4)
-    s = sampler.sample(np.random.default_rng(1))
+    s = unpacked(sampler.sample(np.random.default_rng(1)))
     assert s["ref_masks"].shape[0] == 4 and int(s["valid"].sum()) <= 4
 
 
@@ -127,7 +138,7 @@ def test_small_patch_tasks_come_from_the_reference_crop(experiment_env):
     ref_masks[:2], query_masks[0] = 1, 1  # task 1 left the query crop, task 2 is not in the reference crop
     image = np.random.default_rng(0).normal(size=(1, *context)).astype(np.float32)
     sampler.draw = lambda rng: {"views": [(image, ref_masks), (image, query_masks)]}
-    sample = sampler.sample(rng)
+    sample = unpacked(sampler.sample(rng))
     assert sample["valid"].tolist() == [True] * 3 + [False] * (s.max_tasks - 3)  # tasks 0, 1 and the whole crop
     assert sample["ref_masks"][1].any() and not sample["query_masks"][1].any() and sample["query_masks"][0].any()
 
@@ -217,9 +228,30 @@ def test_packed_masks_augment_like_separate_masks():
     image = rng.normal(size=(1, 20, 22, 24)).astype(np.float32)
     transform = view_transforms((16, 16, 16), True)
     for seed in range(4):
-        image_out, masks_out = apply_view(transform, image, masks, seed)
+        image_out, packed_out = apply_view(transform, image, masks, seed)
+        masks_out = unpack_masks(packed_out, 13)
         with torch.random.fork_rng(devices=[]):
             np.random.seed(seed)
             torch.manual_seed(seed)
             ref = transform(image=torch.from_numpy(image), segmentation=torch.from_numpy(masks.astype(np.int16)))
         assert torch.equal(masks_out, ref["segmentation"] > 0) and torch.equal(image_out, ref["image"].float())
+
+
+def test_unpack_task_masks_puts_every_slot_in_place():
+    """Packed masks + slots -> the (B, T, *P) bool masks: each slot its own mask, the whole crop all ones, padding
+    empty, per sample (two samples with different slot orders)."""
+    import torch
+
+    from mass_nnu.adapter.augmentation import pack_masks
+    from mass_nnu.pretraining.sampling import EMPTY, WHOLE_CROP, unpack_task_masks
+
+    rng = np.random.default_rng(5)
+    masks = rng.random((2, 11, 3, 4, 5)) < 0.4  # 11 masks per sample: two packed channels
+    packed = torch.stack([torch.from_numpy(pack_masks(m)).to(torch.uint8) for m in masks])
+    slots = torch.tensor([[0, 3, 10, 9, WHOLE_CROP, EMPTY], [8, 1, WHOLE_CROP, EMPTY, EMPTY, EMPTY]])
+    out = unpack_task_masks(packed, slots)
+    assert out.shape == (2, 6, 3, 4, 5) and out.dtype == torch.bool
+    for b in range(2):
+        for j, slot in enumerate(slots[b].tolist()):
+            expected = {WHOLE_CROP: np.ones((3, 4, 5), bool), EMPTY: np.zeros((3, 4, 5), bool)}.get(slot)
+            assert np.array_equal(out[b, j].numpy(), masks[b, slot] if expected is None else expected)

@@ -216,8 +216,13 @@ def test_validation_dice_skips_empty_against_empty():
     logits = torch.full(target.shape, -5.0)
     logits[0, 0, :1] = 5.0
     logits[:, 2] = 5.0       # task 1: empty target, empty prediction -> not scored (it was 1); slot 3 padded
-    batch = {"ref_image": torch.zeros(1, 1, 4, 4, 4), "ref_masks": target, "query_image": torch.zeros(1, 1, 4, 4, 4),
-             "query_masks": target, "valid": torch.tensor([[True, True, True, False]])}
+    from mass_nnu.adapter.augmentation import pack_masks
+    from mass_nnu.pretraining.sampling import EMPTY, WHOLE_CROP
+
+    packed = torch.from_numpy(pack_masks(target[0, :2].numpy())).to(torch.uint8)[None]  # as the sampler sends them
+    slots = torch.tensor([[0, 1, WHOLE_CROP, EMPTY]])
+    batch = {"ref_image": torch.zeros(1, 1, 4, 4, 4), "ref_masks": packed, "query_image": torch.zeros(1, 1, 4, 4, 4),
+             "query_masks": packed, "slots": slots, "valid": slots != EMPTY}
     fake = SimpleNamespace(val_batches=[batch], device=torch.device("cpu"), loss=InContextLoss(),
                            ema=lambda *args: [logits], _autocast=lambda: torch.autocast("cpu", enabled=False))
     _, dice = MASSPretrainer.validate(fake)

@@ -63,20 +63,20 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
 def unpack_masks(packed: torch.Tensor, count: int) -> torch.Tensor:
     """Inverse of ``pack_masks`` on a (ceil(K/8), *P) tensor: (count, *P) bool."""
     packed = packed.to(torch.uint8)
-    out = torch.empty((count, *packed.shape[1:]), dtype=torch.bool)
+    out = torch.empty((count, *packed.shape[1:]), dtype=torch.bool, device=packed.device)
     for i in range(count):
         torch.ne(torch.bitwise_and(packed[i // 8], 1 << (i % 8)), 0, out=out[i])
     return out
 
 
 def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
-    """image (C, *S) float, masks (K, *S) uint8/bool -> torch tensors (C, *P) float32, (K, *P) bool with one spatial
-    draw for both (masks stay bool until the device: a quarter of float32's bytes in workers, pinned memory and
-    transfers).
-    The masks travel through the transform packed as bits, 8 per segmentation channel (``pack_masks``): the
-    segmentation is resampled nearest-neighbour, which moves every bit pattern unchanged (values ≤ 255 are exact in
-    float32), so the result equals resampling each mask on its own at an eighth of the channels (13 masks: 2
-    channels instead of 13; the spatial transform was 85 % of a 128³ sample's augmentation).
+    """image (C, *S) float, masks (K, *S) uint8/bool -> torch tensors (C, *P) float32 and (ceil(K/8), *P) uint8, the
+    K masks still packed as bits (``pack_masks``; ``unpack_masks`` undoes it), with one spatial draw for both.
+    The masks travel through the transform packed, 8 per segmentation channel: the segmentation is resampled
+    nearest-neighbour, which moves every bit pattern unchanged (values ≤ 255 are exact in float32), so the result
+    equals resampling each mask on its own at an eighth of the channels (13 masks: 2 channels instead of 13; the
+    spatial transform was 85 % of a 128³ sample's augmentation). They stay packed until the device: an eighth of
+    bool's bytes in workers, pinned memory and transfers, and no unpacking on the CPU.
     batchgeneratorsv2 draws from numpy's and torch's global generators: ``seed`` drives them here and their
     previous states come back afterwards, so a sample depends on its seed only (exact resume, any -np)."""
     numpy_state = np.random.get_state()
@@ -88,4 +88,4 @@ def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
                             segmentation=torch.from_numpy(pack_masks(masks)))
     finally:
         np.random.set_state(numpy_state)
-    return out["image"].float(), unpack_masks(out["segmentation"], len(masks))
+    return out["image"].float(), out["segmentation"].to(torch.uint8)

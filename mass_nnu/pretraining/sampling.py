@@ -12,7 +12,8 @@ One sample (the MASS recipe, any patch size):
 4. tasks = the anchor proposal plus up to ``max_tasks - 2`` more of the proposals that the *reference* crop holds
    with at least ``min_voxels`` voxels (weighted toward diverse sizes), plus the all-ones "whole crop" task (the
    last real slot). A task whose proposal lies outside the query crop stays as an empty target;
-5. reference = weak, query = strong augmentation, then the centre patch. Masks are bool until the device.
+5. reference = weak, query = strong augmentation, then the centre patch. Masks travel packed as bits (8 per
+   byte) and are unpacked on the device (``unpack_batch``).
 """
 from __future__ import annotations
 
@@ -256,25 +257,54 @@ class TaskSampler:
                 "case": source.case_id}
 
     def sample(self, rng: np.random.Generator) -> dict:
+        """One sample as it travels to the device: images (C, *P) float32; the masks of both views packed as bits,
+        (ceil((max_tasks - 1) / 8), *P) uint8 in the drawn task order; ``slots`` (max_tasks,) int64, the mask of each
+        task slot (kept tasks, then ``WHOLE_CROP``, then ``EMPTY`` padding); ``valid`` (max_tasks,) bool.
+        ``unpack_batch`` makes the (B, max_tasks, *P) bool masks on the device."""
         drawn = self.draw(rng)
-        (ref_image, ref_masks), (query_image, query_masks) = [
+        (ref_image, ref_packed), (query_image, query_packed) = [
             apply_view(transform, image_crop, mask_crop, int(rng.integers(2 ** 31)))
             for transform, (image_crop, mask_crop) in zip((self.weak, self.strong), drawn["views"])]
-        keep = ref_masks.flatten(1).any(1)  # a task the augmented reference view lost would get a zero token
-        k = int(keep.sum()) + 1  # + the whole-crop task
-        padded = []
-        for masks in (ref_masks, query_masks):  # (max_tasks, *P): kept tasks, the whole crop, empty padding
-            out = torch.zeros((self.settings.max_tasks, *masks.shape[1:]), dtype=masks.dtype)
-            torch.index_select(masks, 0, keep.nonzero().flatten(), out=out[:k - 1])
-            out[k - 1] = True
-            padded.append(out)
-        valid = torch.tensor([True] * k + [False] * (self.settings.max_tasks - k))
-        return {"ref_image": ref_image, "ref_masks": padded[0], "query_image": query_image,
-                "query_masks": padded[1], "valid": valid}
+        count = len(drawn["views"][0][1])
+        # a task the augmented reference view lost would get a zero token: keep only masks with a voxel there
+        present = np.bitwise_or.reduce(ref_packed.flatten(1).numpy(), axis=1)
+        kept = [i for i in range(count) if present[i // 8] >> (i % 8) & 1]
+        slots = torch.full((self.settings.max_tasks,), EMPTY, dtype=torch.int64)
+        slots[:len(kept)] = torch.tensor(kept, dtype=torch.int64)
+        slots[len(kept)] = WHOLE_CROP
+        channels = (self.settings.max_tasks + 6) // 8  # room for max_tasks - 1 masks, so that samples stack
+        ref_masks, query_masks = (torch.nn.functional.pad(p, (0, 0) * (p.ndim - 1) + (0, channels - len(p)))
+                                  for p in (ref_packed, query_packed))
+        return {"ref_image": ref_image, "ref_masks": ref_masks, "query_image": query_image,
+                "query_masks": query_masks, "slots": slots, "valid": slots != EMPTY}
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> dict:
         samples = [self.sample(rng) for _ in range(batch_size)]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+WHOLE_CROP, EMPTY = -1, -2  # task slots that hold no proposal: the all-ones task, and padding
+
+
+def unpack_task_masks(packed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, C, *P) uint8 masks packed 8 per channel (``pack_masks``) and (B, T) ``slots`` -> (B, T, *P) bool: slot
+    j of sample b holds packed mask ``slots[b, j]``, all ones (``WHOLE_CROP``) or nothing (``EMPTY``). Runs on the
+    tensors' device."""
+    b, t = slots.shape
+    index = slots.clamp_min(0)
+    channels = packed[torch.arange(b, device=packed.device)[:, None], index // 8]  # (B, T, *P)
+    bits = (index % 8).to(torch.uint8).view(b, t, *[1] * (packed.ndim - 2))
+    masks = torch.bitwise_and(torch.bitwise_right_shift(channels, bits), 1).bool()
+    shape = (b, t, *[1] * (packed.ndim - 2))
+    return (masks & (slots >= 0).view(shape)) | (slots == WHOLE_CROP).view(shape)
+
+
+def unpack_batch(batch: dict) -> dict:
+    """A batch of ``TaskSampler.sample``s (on any device) with its masks unpacked to (B, max_tasks, *P) bool."""
+    out = {key: value for key, value in batch.items() if key != "slots"}
+    for key in ("ref_masks", "query_masks"):
+        out[key] = unpack_task_masks(batch[key], batch["slots"])
+    return out
 
 
 class BatchStream:

@@ -39,7 +39,14 @@ from mass_nnu.model.artifacts import (
 from mass_nnu.model.loss import InContextLoss, dice_per_task
 from mass_nnu.model.mass_model import build_mass_model
 from mass_nnu.pretraining.memory import available_memory, check_memory, estimate_memory
-from mass_nnu.pretraining.sampling import BatchStream, CaseSource, SamplerSettings, TaskSampler, prepare_proposals
+from mass_nnu.pretraining.sampling import (
+    BatchStream,
+    CaseSource,
+    SamplerSettings,
+    TaskSampler,
+    prepare_proposals,
+    unpack_batch,
+)
 
 
 @dataclass
@@ -260,7 +267,7 @@ class MASSPretrainer:
         return torch.autocast("cpu", enabled=False)
 
     def train_step(self, batch: dict) -> float:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = unpack_batch({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             outputs = self.train_model(batch["ref_image"], batch["ref_masks"], batch["query_image"], batch["valid"])
@@ -284,7 +291,7 @@ class MASSPretrainer:
     def validate(self) -> tuple[float, float]:
         losses, dices = [], []
         for batch in self.val_batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = unpack_batch({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             with self._autocast():
                 outputs = self.ema(batch["ref_image"], batch["ref_masks"], batch["query_image"], batch["valid"])
             outputs = [o.float() for o in outputs]
