@@ -115,29 +115,8 @@ STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) check finetune env nnUNet_compile=$([[ $C
     -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
 
 log "loader throughput, $LOADER_WORKERS workers"
-check loader $PY - "$DERIVED" "$LOADER_WORKERS" "$BATCHES" "$DEVICE" > >(tee "$ROOT/loader.txt") <<'EOF'
-import sys, time
-from mass_nnu.adapter.datasets import Dataset
-from mass_nnu.adapter.preprocessed import data_folder
-from mass_nnu.pretraining.sampling import BatchStream, CaseSource, TaskSampler, prepare_proposals
-from mass_nnu.workspace import configure_environment
-configure_environment(quiet=True)
-plans_name, workers, batches, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-dataset = Dataset.resolve("731")
-plans = dataset.plans(plans_name)
-folder, cases = prepare_proposals(dataset, plans, "3d_fullres")
-sampler = TaskSampler([CaseSource(data_folder(dataset, plans, "3d_fullres"), folder, c) for c in cases],
-                      plans["configurations"]["3d_fullres"]["patch_size"])
-batch_size = 2
-loader = iter(BatchStream(sampler, batch_size, batches, 0).loader(0, workers, pin_memory=device == "cuda"))  # as mass pretrain
-next(loader)  # workers started, first batch
-t0 = time.perf_counter()
-for _ in range(batches):
-    next(loader)
-seconds = time.perf_counter() - t0
-print(f"loader: {workers} workers, patch {list(sampler.patch_size)}, batch {batch_size}, pinned {device == 'cuda'}: "
-      f"{batches * batch_size / seconds:.1f} samples/s ({seconds / batches:.3f} s/batch)")
-EOF
+check loader $PY benchmarks/loader_throughput.py -d 731 -p "$DERIVED" --patch 0 -np "$LOADER_WORKERS" --batches "$BATCHES" \
+    $([[ $DEVICE == cuda ]] && echo --pin) > >(tee "$ROOT/loader.txt")
 
 MODES="eager checkpointing"
 if [[ "$COMPILE" != 0 ]]; then
