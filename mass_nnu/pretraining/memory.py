@@ -105,7 +105,7 @@ def estimate_memory(plans: dict, configuration: str, num_channels: int, mass_con
     activations = sum(saved.values()) + out_bytes
     if device_type == "cuda":
         activations //= 2  # bf16 autocast
-    batch = 2 * images.numel() * 4 + 2 * masks.numel() * 1  # two views: float32 images, bool masks
+    batch = 2 * images.numel() * 4 + 2 * masks.numel() * 9 // 8  # two views: float32 images, bool masks + packed
     return MemoryEstimate(param_bytes, param_bytes * 2 + trainable * 3, activations, batch)
 
 
