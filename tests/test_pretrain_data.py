@@ -220,11 +220,15 @@ def test_packed_masks_augment_like_separate_masks():
     own channel (the previous code), with and without a spatial draw."""
     import torch
 
-    from mass_nnu.adapter.augmentation import apply_view, pack_masks, unpack_masks, view_transforms
+    from mass_nnu.adapter.augmentation import apply_view, pack_masks, view_transforms
+    from mass_nnu.pretraining.sampling import unpack_task_masks
+
+    def unpack_masks(packed, count):
+        return unpack_task_masks(packed[None], torch.arange(count)[None])[0]
 
     rng = np.random.default_rng(0)
     masks = rng.random((13, 20, 22, 24)) < 0.3
-    assert torch.equal(unpack_masks(torch.from_numpy(pack_masks(masks)), 13), torch.from_numpy(masks))
+    assert torch.equal(unpack_masks(torch.from_numpy(pack_masks(masks)).to(torch.uint8), 13), torch.from_numpy(masks))
     image = rng.normal(size=(1, 20, 22, 24)).astype(np.float32)
     transform = view_transforms((16, 16, 16), True)
     for seed in range(4):

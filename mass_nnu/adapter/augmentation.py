@@ -60,18 +60,10 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
     return out.astype(np.int16)
 
 
-def unpack_masks(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """Inverse of ``pack_masks`` on a (ceil(K/8), *P) tensor: (count, *P) bool."""
-    packed = packed.to(torch.uint8)
-    out = torch.empty((count, *packed.shape[1:]), dtype=torch.bool, device=packed.device)
-    for i in range(count):
-        torch.ne(torch.bitwise_and(packed[i // 8], 1 << (i % 8)), 0, out=out[i])
-    return out
-
-
 def apply_view(transform, image: np.ndarray, masks: np.ndarray, seed: int):
     """image (C, *S) float, masks (K, *S) uint8/bool -> torch tensors (C, *P) float32 and (ceil(K/8), *P) uint8, the
-    K masks still packed as bits (``pack_masks``; ``unpack_masks`` undoes it), with one spatial draw for both.
+    K masks still packed as bits (``pack_masks``; ``sampling.unpack_task_masks`` undoes it), with one spatial draw
+    for both.
     The masks travel through the transform packed, 8 per segmentation channel: the segmentation is resampled
     nearest-neighbour, which moves every bit pattern unchanged (values ≤ 255 are exact in float32), so the result
     equals resampling each mask on its own at an eighth of the channels (13 masks: 2 channels instead of 13; the

@@ -47,6 +47,8 @@ from mass_nnu.proposals.store import (
 )
 
 
+WHOLE_CROP, EMPTY = -1, -2  # task slots that hold no proposal: the all-ones task, and padding
+
 @dataclass
 class SamplerSettings:
     max_tasks: int = 13             # including the all-ones task
@@ -281,9 +283,6 @@ class TaskSampler:
     def batch(self, rng: np.random.Generator, batch_size: int) -> dict:
         samples = [self.sample(rng) for _ in range(batch_size)]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-
-
-WHOLE_CROP, EMPTY = -1, -2  # task slots that hold no proposal: the all-ones task, and padding
 
 
 def unpack_task_masks(packed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
