@@ -16,11 +16,11 @@
 # 3. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP, with nnU-Net's compile;
 # 4. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second.
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: eager pretraining steps only, fine-tuning without nnUNet_compile; on
-# CPU the compiled step compiles for ~5 min),
-# GPU_CHECK_PROFILE=N (only the data and one eager pretrain_step.py run with N profiled steps per side: about
-# 3 min), PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per timed section, 150). A failing or timed-out section is logged
-# and the script goes on with the next one (each section's output stays in its own file); the exit status counts them.
+# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: eager pretraining steps only, fine-tuning without
+# nnUNet_compile; on CPU the compiled step compiles for ~5 min), GPU_CHECK_PROFILE=N (only the data and one eager
+# pretrain_step.py run with N profiled steps per side: about 3 min), PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds
+# per timed section, 150). A failing or timed-out section is logged and the script goes on with the next one (each
+# section's output stays in its own file); the exit status says whether any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -66,25 +66,23 @@ write_phantom_dataset(732, "GpuCheckSeg", 6, 0, shape=shape, spacing=spacing, se
 EOF
 log "plan (default ResEnc M, full width) and propose"
 if [[ -n "$PROFILE" ]]; then  # the unlabelled set alone (same full-width architecture family, half the planning)
+  PLANNED="731"
   check plan-731 $PY -m mass_nnu plan -d 731 -np "$NP" > "$ROOT/plan_731.txt"
 else
+  PLANNED="731 732"
   check plan-732 $PY -m mass_nnu plan -d 732 -np "$NP" > "$ROOT/plan_732.txt"
   check plan-731 $PY -m mass_nnu plan -d 731 --target-dataset 732 -np "$NP" > "$ROOT/plan_731.txt"
 fi
 check propose $PY -m mass_nnu propose -d 731 -np "$NP" > "$ROOT/propose.txt"
-check derived-plans $PY - "$PLANS" "$DERIVED" "$PATCH" <<'EOF'
+check derived-plans $PY - "$PLANS" "$DERIVED" "$PATCH" $PLANNED <<'EOF'
 import json, sys
 from mass_nnu.adapter.datasets import Dataset
-from mass_nnu.errors import MassError
 from mass_nnu.workspace import configure_environment
 configure_environment(quiet=True)
 source, derived, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for ident in ("731", "732"):
-    try:
-        dataset = Dataset.resolve(ident)
-        plans = dataset.plans(source)
-    except MassError:  # GPU_CHECK_PROFILE plans 731 only
-        continue
+for ident in sys.argv[4:]:  # the planned datasets
+    dataset = Dataset.resolve(ident)
+    plans = dataset.plans(source)
     plans["plans_name"] = derived
     plans["configurations"]["3d_fullres"]["patch_size"] = [patch] * 3  # same data_identifier: same data
     path = dataset.plans_file(derived)

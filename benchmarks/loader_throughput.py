@@ -1,7 +1,7 @@
 """Pretraining loader throughput: samples per second that ``mass pretrain``'s DataLoader delivers.
 
     python benchmarks/loader_throughput.py -d 940 [-p nnUNetResEncUNetMPlans] [-c 3d_fullres] [--patch 128 128 128]
-           [--batch-size 2] [-np 2] [--batches 12] [--pin]
+           [--max-tasks 13] [--batch-size 2] [-np 2] [--batches 12] [--pin]
 
 The sampler and the stream of ``mass pretrain`` (``BatchStream.loader``: persistent workers, batches as the workers
 send them, pinned with ``--pin`` as on CUDA), on the dataset's proposals; the first batch (workers starting) is not
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 
-from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
+from _common import build_sampler, plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
 
 
 def main() -> None:
     parser = plans_parser(__doc__, "planned dataset with proposals")
     parser.add_argument("--patch", type=int, nargs="+", default=[128, 128, 128], help="0: the plans' patch")
+    parser.add_argument("--max-tasks", type=int, default=13)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("-np", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--batches", type=int, default=12)
@@ -26,18 +27,12 @@ def main() -> None:
 
     import torch
 
-    from mass_nnu.adapter.datasets import Dataset
-    from mass_nnu.adapter.preprocessed import data_folder
-    from mass_nnu.pretraining.sampling import BatchStream, CaseSource, TaskSampler, prepare_proposals
+    from mass_nnu.pretraining.sampling import BatchStream
     from mass_nnu.workspace import configure_environment
 
     configure_environment(quiet=True)
     torch.set_num_threads(1)
-    dataset = Dataset.resolve(args.d)
-    plans = dataset.plans(args.p)
-    folder, cases = prepare_proposals(dataset, plans, args.c)
-    patch = plans["configurations"][args.c]["patch_size"] if args.patch == [0] else args.patch
-    sampler = TaskSampler([CaseSource(data_folder(dataset, plans, args.c), folder, c) for c in cases], patch)
+    sampler = build_sampler(args)
     loader = iter(BatchStream(sampler, args.batch_size, args.batches, 0).loader(0, args.np, pin_memory=args.pin))
     first = next(loader)  # workers started
     wall, cpu = time.perf_counter(), time.process_time()

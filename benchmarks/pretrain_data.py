@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from _common import plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
+from _common import build_sampler, plans_parser  # benchmarks/_common.py (the script's folder is on sys.path)
 
 PHASES = ("read", "masks", "augmentation", "total")
 
@@ -61,19 +61,6 @@ class Timer:
             finally:
                 self.seconds += time.perf_counter() - t0
         return timed
-
-
-def build_sampler(args):
-    from mass_nnu.adapter.datasets import Dataset
-    from mass_nnu.adapter.preprocessed import data_folder
-    from mass_nnu.pretraining.sampling import CaseSource, SamplerSettings, TaskSampler, prepare_proposals
-
-    dataset = Dataset.resolve(args.d)
-    plans = dataset.plans(args.p)
-    folder, cases = prepare_proposals(dataset, plans, args.c)
-    sources = [CaseSource(data_folder(dataset, plans, args.c), folder, c) for c in cases]
-    patch = args.patch if args.patch and args.patch != [0] else plans["configurations"][args.c]["patch_size"]
-    return TaskSampler(sources, patch, SamplerSettings(max_tasks=args.max_tasks))
 
 
 def run_new(sampler, rngs, aug_split: bool) -> list[dict]:

@@ -82,8 +82,8 @@ def profile_steps(step, args, device, part: str) -> None:
 def run_mass(args) -> dict:
     from mass_nnu.pretraining.trainer import MASSPretrainer, PretrainSettings
 
-    settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps + args.profile, val_iterations=1,
-                                batch_size=args.batch_size, num_workers=args.np, seed=0, compile=args.compile,
+    settings = PretrainSettings(epochs=1, iterations_per_epoch=args.warmup + args.steps + args.profile,
+                                val_iterations=1, batch_size=args.batch_size, num_workers=args.np, seed=0, compile=args.compile,
                                 activation_checkpointing=args.activation_checkpointing,
                                 memory_check=False)
     trainer = MASSPretrainer([args.d], args.p, args.c, settings, args.device,

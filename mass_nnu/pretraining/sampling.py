@@ -49,6 +49,7 @@ from mass_nnu.proposals.store import (
 
 WHOLE_CROP, EMPTY = -1, -2  # task slots that hold no proposal: the all-ones task, and padding
 
+
 @dataclass
 class SamplerSettings:
     max_tasks: int = 13             # including the all-ones task
@@ -290,12 +291,11 @@ def unpack_task_masks(packed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor
     j of sample b holds packed mask ``slots[b, j]``, all ones (``WHOLE_CROP``) or nothing (``EMPTY``). Runs on the
     tensors' device."""
     b, t = slots.shape
+    per_slot = (b, t, *[1] * (packed.ndim - 2))  # broadcasts a (B, T) value over the slot's voxels
     index = slots.clamp_min(0)
     channels = packed[torch.arange(b, device=packed.device)[:, None], index // 8]  # (B, T, *P)
-    bits = (index % 8).to(torch.uint8).view(b, t, *[1] * (packed.ndim - 2))
-    masks = torch.bitwise_and(torch.bitwise_right_shift(channels, bits), 1).bool()
-    shape = (b, t, *[1] * (packed.ndim - 2))
-    return (masks & (slots >= 0).view(shape)) | (slots == WHOLE_CROP).view(shape)
+    masks = torch.bitwise_and(torch.bitwise_right_shift(channels, (index % 8).to(torch.uint8).view(per_slot)), 1)
+    return (masks.bool() & (slots >= 0).view(per_slot)) | (slots == WHOLE_CROP).view(per_slot)
 
 
 def unpack_batch(batch: dict) -> dict:
