@@ -71,8 +71,11 @@ def main() -> None:
         head = {"head": "incontext", "mass_config": full[1]["mass_config"]}
         trainers["nnUNetTrainerMASS incontext"] = build(nnUNetTrainerMASS, args.d, args.p, args.c, args.device,
                                                         args.w, head)
-    for trainer in trainers.values():  # warm-up: first batches, allocator, autotuning
+    for name, trainer in trainers.items():  # warm-up: first batches, allocator, autotuning, compilation
+        start = time.perf_counter()
         time_iterations(trainer, 2)
+        print(f"{name}: warm-up (2 iterations{', compiling' if trainer._do_i_compile() else ''}) "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
     times = {name: [] for name in trainers}
     for _ in range(args.rounds):
         for name, trainer in trainers.items():

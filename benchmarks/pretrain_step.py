@@ -91,9 +91,11 @@ def run_mass(args) -> dict:
     trainer.build_data()
     device = trainer.device
     loader = iter(trainer.train_stream.loader(0, args.np, pin_memory=device.type == "cuda"))  # as mass pretrain
+    warmup = time.perf_counter()
     for _ in range(args.warmup):
         trainer.train_step(next(loader))
     sync(device)
+    warmup = time.perf_counter() - warmup
     start_mem = memory_start(device)
     compute = wait = 0.0
     for _ in range(args.steps):
@@ -106,7 +108,8 @@ def run_mass(args) -> dict:
         wait += t1 - t0
         compute += t2 - t1
     result = {"step_s": compute / args.steps, "wait_fraction": wait / (wait + compute),
-              "peak_mb": memory_peak(device, start_mem), "patch": list(trainer.train_stream.sampler.patch_size)}
+              "peak_mb": memory_peak(device, start_mem), "patch": list(trainer.train_stream.sampler.patch_size),
+              "warmup_s": warmup}
     profile_steps(lambda: trainer.train_step(next(loader)), args, device, "mass")
     return result
 
@@ -134,16 +137,18 @@ def run_nnunet(args) -> dict:
     targets = [torch.nn.functional.interpolate(seg, scale_factor=s, mode="nearest-exact") if min(s) < 1 else seg
                for s in deep_supervision_scales(plans, args.c)]
     batch = {"data": data, "target": targets}
+    warmup = time.perf_counter()
     for _ in range(args.warmup):
         trainer.train_step(batch)
     sync(device)
+    warmup = time.perf_counter() - warmup
     start_mem = memory_start(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(batch)
     sync(device)
     result = {"step_s": (time.perf_counter() - t0) / args.steps, "peak_mb": memory_peak(device, start_mem),
-              "patch": patch}
+              "patch": patch, "warmup_s": warmup}
     profile_steps(lambda: trainer.train_step(batch), args, device, "nnunet")
     return result
 
@@ -183,6 +188,8 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.exit(f"{part} side failed:\n{proc.stderr[-3000:]}")
         results[part] = json.loads(lines[-1][len("RESULT "):])
+        print(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in results[part].items()), flush=True)  # if a later side times out
     mass, nnunet = results["mass"], results["nnunet"]
     figures = {"P1": mass["step_s"] / nnunet["step_s"], "P3": mass["wait_fraction"],
                "P5": mass["peak_mb"] / max(nnunet["peak_mb"], 1e-6)}
@@ -194,6 +201,8 @@ def main() -> None:
     print(f"{'step time (s)':28s}{mass['step_s']:12.3f}{nnunet['step_s']:12.3f}")
     print(f"{'peak memory growth (MiB)':28s}{mass['peak_mb']:12.1f}{nnunet['peak_mb']:12.1f}")
     print(f"{'data wait (fraction)':28s}{mass['wait_fraction']:12.3f}{'-':>12s}")
+    print(f"{'warm-up steps (s)':28s}{mass['warmup_s']:12.1f}{nnunet['warmup_s']:12.1f}"
+          f"{'  (includes compilation)' if args.compile else ''}")
     print(f"{'figure':8s}{'value':>10s}{'target':>10s}  ok")
     for key, value in figures.items():
         print(f"{key:8s}{value:10.3f}{'≤ ' + str(TARGETS[key]):>10s}  {'yes' if value <= TARGETS[key] else 'NO'}")

@@ -352,3 +352,14 @@ def test_memory_check_keeps_headroom_above_the_summed_estimate():
     check_memory(estimate, estimate.total, torch.device("cpu"), 2, (80, 192, 160))
     with pytest.raises(MassError, match="--batch-size 1"):
         check_memory(estimate, 11 * GIB, torch.device("cpu"), 2, (80, 192, 160))
+
+
+def test_forward_traces_as_one_graph_for_torch_compile(plans):
+    """torch.compile sees the whole forward as one graph (a graph break, e.g. a host sync on the ``valid`` mask,
+    splits compilation and costs a sync per step), with padded slots and without."""
+    model = build_mass_model(plans, "3d_fullres", 1)
+    image, masks = torch.randn(1, 1, 32, 32, 32), torch.rand(1, 4, 32, 32, 32) > 0.5
+    for valid in (torch.tensor([[True, True, False, True]]), torch.ones(1, 4, dtype=torch.bool)):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(image, masks, image.clone(), valid)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

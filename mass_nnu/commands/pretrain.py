@@ -22,7 +22,7 @@ def pretrain(
     resume: bool = typer.Option(False, "--c", help="Continue from checkpoint_latest.pth."),
     num_processes: Optional[int] = typer.Option(None, "-np", min=0, help="Data-loading workers (default: nnUNet_n_proc_DA or 2)."),
     seed: int = typer.Option(0, "--seed"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only; ignored on CPU, as in nnU-Net)."),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute the reference view's encoder pass in backward instead of keeping its activations: less memory, one more encoder forward per step, same results. Default: on only when the memory check finds that the step fits with it and not without."),
     output: Optional[str] = typer.Option(None, "-o", help="Output folder (default: nnU-Net's results layout)."),
     memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="Estimate the step's peak memory before the first step and stop with one line if it cannot fit."),

@@ -152,7 +152,9 @@ class MASSPretrainer:
         if self.dist.world > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if settings.compile:
+        # CUDA only, as nnU-Net's _do_i_compile: inductor's CPU code for these 3D networks ran 8× slower than eager
+        self.compiled = settings.compile and self.device.type == "cuda"
+        if self.compiled:
             self.train_model = torch.compile(self.train_model)
         self.loss = InContextLoss()
         self.epoch = 0
@@ -307,7 +309,9 @@ class MASSPretrainer:
     def run(self) -> Path:
         s = self.settings
         self.log(f"{PRETRAINER_NAME}: {s.epochs} epochs × {s.iterations_per_epoch} iterations, device {self.device}, "
-                 f"world size {self.dist.world}, lr {s.lr}, EMA {s.ema_decay}")
+                 f"world size {self.dist.world}, lr {s.lr}, EMA {s.ema_decay}"
+                 f"{', torch.compile' if self.compiled else ''}"
+                 f"{'; --compile is ignored on CPU (as in nnU-Net)' if s.compile and not self.compiled else ''}")
         # one loader for the whole run: its workers start once and its stream continues across epochs
         stream = iter(self.train_stream.loader(self.epoch, s.num_workers, pin_memory=self.device.type == "cuda"))
         while self.epoch < s.epochs:

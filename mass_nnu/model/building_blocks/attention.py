@@ -28,10 +28,11 @@ def key_bias(key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 def all_valid(valid: torch.Tensor | None) -> torch.Tensor | None:
     """``valid`` unless every entry is True, then None (no mask: the flash kernels stay eligible). One host sync;
-    call it once per forward, not per attention."""
-    if valid is None or (valid.device.type != "meta" and bool(valid.all())):  # meta: memory estimates, shapes only
-        return None
-    return valid
+    call it once per forward, not per attention. Under torch.compile ``valid`` is kept as it is: the sync would
+    break the graph in two."""
+    if valid is None or torch.compiler.is_compiling() or valid.device.type == "meta":  # meta: shapes only
+        return valid
+    return None if bool(valid.all()) else valid
 
 
 class Attention(nn.Module):
