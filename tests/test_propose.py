@@ -354,7 +354,7 @@ def test_filter_layer_applies_every_rule_to_every_label():
     foreground = np.ones(layer.shape, bool)
     foreground[:, :4] = False                               # labels partly outside the foreground
     settings = FilterSettings(min_volume_mm3=30.0, min_fill=0.3, min_inside=0.9)
-    out, boxes, sizes = filter_layer(layer, foreground, 1.0, settings)
+    labels, boxes, sizes = filter_layer(layer, foreground, 1.0, settings)
     fg_volume = int(foreground.sum())
     expected = []
     for value, box in enumerate(ndimage.find_objects(layer), start=1):
@@ -365,10 +365,29 @@ def test_filter_layer_applies_every_rule_to_every_label():
         if passes(int(mask.sum()), int((mask & foreground).sum()), box_volume, fg_volume, 1.0, settings):
             expected.append((value, box, int(mask.sum())))
     assert 0 < len(expected) < len(np.unique(layer)) - 1     # some kept, some dropped
+    assert [v for v, _, _ in expected] == list(labels)
     assert [b for _, b, _ in expected] == boxes and [n for _, _, n in expected] == list(sizes)
-    for new, (value, _, _) in enumerate(expected, start=1):
-        assert np.array_equal(out == new, layer == value)
-    assert not np.isin(out, [0] + list(range(1, len(expected) + 1)), invert=True).any()
+    inside = np.where(foreground, layer, 0).astype(np.uint16)  # every label inside: the same, without the count
+    fast, slow = (filter_layer(inside, foreground, 1.0, settings, flag) for flag in (True, False))
+    assert np.array_equal(fast[0], slow[0]) and fast[1] == slow[1] and np.array_equal(fast[2], slow[2])
+
+
+def test_finalize_relabels_the_kept_proposals_into_the_volume():
+    """Kept labels are numbered 1..n per layer in label order, duplicates (IoU ≥ dedupe_iou with an earlier layer)
+    and filtered labels vanish, a layer without a kept proposal is dropped, and the crop lands at its box."""
+    from mass_nnu.proposals.filtering import FilterSettings, finalize
+
+    first, second, empty = (np.zeros((4, 6, 6), np.uint16) for _ in range(3))
+    first[:, :3, :3], first[:, 3:, 3:], first[0, 5, 0] = 3, 5, 8   # 8: one voxel, below the minimum volume
+    second[:, :3, :3], second[:, 3:, :3] = 2, 9                    # 2 duplicates first's 3
+    empty[0, 5, 0] = 4
+    settings = FilterSettings(min_volume_mm3=2.0, min_fraction=0.0, max_fraction=1.0, min_fill=0.0, min_inside=0.0)
+    box = (slice(1, 5), slice(2, 8), slice(0, 6))
+    out = finalize(iter([first, second, empty]), np.ones(first.shape, bool), (1.0, 1.0, 1.0), settings, box, (6, 9, 7))
+    assert out.shape == (2, 6, 9, 7) and out.dtype == np.uint16
+    expected = np.zeros((2, 4, 6, 6), np.uint16)
+    expected[0][first == 3], expected[0][first == 5], expected[1][second == 9] = 1, 2, 1
+    assert np.array_equal(out[(slice(None), *box)], expected) and out.sum() == expected.sum()
 
 
 def test_filter_layer_on_a_tiny_crop_with_large_label_values():
@@ -379,6 +398,5 @@ def test_filter_layer_on_a_tiny_crop_with_large_label_values():
     layer[0] = 500                     # 12 voxels, label value 500 > 24 voxels
     layer[1, :, :2] = 7                # 6 voxels
     settings = FilterSettings(min_volume_mm3=8.0, min_fraction=0.0, max_fraction=1.0, min_fill=0.0, min_inside=0.0)
-    out, boxes, sizes = filter_layer(layer, np.ones(layer.shape, bool), 1.0, settings)
-    assert list(sizes) == [12] and boxes == [(slice(0, 1), slice(0, 3), slice(0, 4))]
-    assert np.array_equal(out, (layer == 500).astype(np.uint16))
+    labels, boxes, sizes = filter_layer(layer, np.ones(layer.shape, bool), 1.0, settings)
+    assert list(labels) == [500] and list(sizes) == [12] and boxes == [(slice(0, 1), slice(0, 3), slice(0, 4))]

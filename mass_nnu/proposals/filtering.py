@@ -35,25 +35,24 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2)) | mask
 
 
-def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float,
-                 s: FilterSettings) -> tuple[np.ndarray, list, np.ndarray]:
-    """Keep the instances of one label map that pass the size, compactness and background filters; relabel 1..n.
-    Returns (the relabelled map, the bounding box and the voxel count of labels 1..n), so that de-duplication needs
-    no second pass over the map. Counts and boxes of all labels come from one pass (``cc3d.statistics``), and the
-    rules run on all labels at once."""
+def filter_layer(layer: np.ndarray, foreground: np.ndarray, voxel_mm3: float, s: FilterSettings,
+                 inside_foreground: bool = False) -> tuple[np.ndarray, list, np.ndarray]:
+    """The instances of one label map that pass the size, compactness and background filters: (their label values,
+    bounding boxes, voxel counts), in label order; the map itself is not relabelled (``deduplicate`` does that once,
+    for the proposals it keeps). Counts and boxes of all labels come from one pass (``cc3d.statistics``), and the
+    rules run on all labels at once. ``inside_foreground``: every label lies inside ``foreground`` (the supervoxel
+    backend's layers), so the inside-the-foreground counts are the voxel counts and are not counted again."""
     n = int(layer.max()) + 1
     if n == 1:
-        return np.zeros(layer.shape, np.uint16), [], np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), [], np.zeros(0, np.int64)
     sizes, low, high = label_statistics(layer, n)
     box_volume = np.prod(np.clip(high - low, 0, None), axis=1)
-    inside = np.bincount(layer[foreground], minlength=n)
+    inside = sizes if inside_foreground else np.bincount(layer[foreground], minlength=n)
     fg_volume = max(int(np.count_nonzero(foreground)), 1)
     keep = np.flatnonzero(passes(sizes, inside, box_volume, fg_volume, voxel_mm3, s))
     keep = keep[keep > 0]
-    lut = np.zeros(n, np.uint16)
-    lut[keep] = np.arange(1, len(keep) + 1)
     boxes = [tuple(slice(int(a), int(b)) for a, b in zip(low[i], high[i])) for i in keep]
-    return lut[layer], boxes, sizes[keep]
+    return keep, boxes, sizes[keep]
 
 
 def label_statistics(layer: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,39 +143,37 @@ class Deduplicator:
         return True
 
 
-def deduplicate(layers, iou: float) -> list[np.ndarray]:
-    """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap);
-    relabel each layer 1..n and drop empty layers. ``layers`` yields (map, boxes, sizes) of labels 1..n as
-    ``filter_layer`` returns them; it may be a generator (only kept layers stay in memory). Bounding-box pre-filter,
-    no full-volume pairwise passes."""
+def deduplicate(layers, iou: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap).
+    ``layers`` yields (map, label values, boxes, sizes) as ``filter_layer`` returns them (with the map first); it may
+    be a generator (only maps with a kept proposal stay in memory). Returns, per such map, (map, lut): ``lut[map]``
+    is the map relabelled 1..n, only the kept proposals. Bounding-box pre-filter, no full-volume pairwise passes."""
     dedup = Deduplicator(iou)
-    kept: list[np.ndarray] = []
-    for layer, boxes, sizes in layers:
-        lut = np.zeros(len(boxes) + 1, np.uint16)
-        added = []
-        for label, box in enumerate(boxes, start=1):
-            if dedup.add(p := Proposal(box, sizes[label - 1], layer, label)):
-                lut[label] = len(added) + 1
-                added.append(p)
+    kept = []
+    for layer, labels, boxes, sizes in layers:
+        added = [label for label, box, size in zip(labels, boxes, sizes)
+                 if dedup.add(Proposal(box, size, layer, label))]
         if added:
-            relabelled = lut[layer]
-            for p in added:  # kept proposals point at the relabelled map, so the input layer can be freed
-                p.source, p.label = relabelled, int(lut[p.label])
-            kept.append(relabelled)
+            lut = np.zeros(int(layer.max()) + 1, np.uint16)
+            lut[added] = np.arange(1, len(added) + 1)
+            kept.append((layer, lut))
     return kept
 
 
 def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tuple[slice, ...] | None = None,
-             shape=None) -> np.ndarray:
+             shape=None, inside_foreground: bool = False) -> np.ndarray:
     """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0). ``layers``
     may be a generator, so that a backend's layers are made, filtered and de-duplicated one at a time. With ``box``
     and ``shape`` the layers (made on the crop ``box`` of a volume of ``shape``) are written into that volume; each
-    kept layer is freed as soon as it is copied, so the result is never held twice."""
+    kept layer is relabelled straight into it and freed, so the result is never held twice. ``inside_foreground``:
+    see ``filter_layer``."""
     voxel_mm3 = float(np.prod(spacing))
-    kept = deduplicate((filter_layer(layer, foreground, voxel_mm3, s) for layer in layers), s.dedupe_iou)
+    kept = deduplicate(((layer, *filter_layer(layer, foreground, voxel_mm3, s, inside_foreground))
+                        for layer in layers), s.dedupe_iou)
     out = np.zeros((len(kept), *(foreground.shape if shape is None else shape)), np.uint16)
     region = box or tuple(slice(None) for _ in foreground.shape)
     for i in range(len(kept)):
-        out[i][region] = kept[i]
+        layer, lut = kept[i]
+        out[i][region] = np.take(lut, layer, mode="clip")  # no label exceeds len(lut) - 1: nothing is clipped
         kept[i] = None
     return out

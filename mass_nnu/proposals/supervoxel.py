@@ -63,11 +63,14 @@ def slic_spacing(foreground: np.ndarray, spacing, segments: int, s: SupervoxelSe
 
 
 def slic_layers(image01, foreground, spacing, s: SupervoxelSettings) -> list[np.ndarray]:
-    layers = []
+    layers, grids = [], {}
     for n in s.slic_segments:
         grid_mm = slic_spacing(foreground, spacing, n, s)
-        image, grid = (image01, spacing) if grid_mm is None else to_working_grid(image01, spacing, grid_mm)
-        mask = foreground if grid_mm is None else resample_nearest(foreground.view(np.uint8), image.shape) > 0
+        if grid_mm not in grids:  # scales on the same grid share its image and mask
+            image, grid = (image01, spacing) if grid_mm is None else to_working_grid(image01, spacing, grid_mm)
+            mask = foreground if grid_mm is None else resample_nearest(foreground.view(np.uint8), image.shape) > 0
+            grids[grid_mm] = image, grid, mask
+        image, grid, mask = grids[grid_mm]
         labels = slic(image, n_segments=n, compactness=s.slic_compactness, channel_axis=None, spacing=grid,
                       mask=mask, start_label=1, enforce_connectivity=True).astype(np.uint16)
         if grid_mm is not None:  # back onto the working grid, inside its own foreground only
@@ -83,12 +86,13 @@ def smoothed_values(image01, foreground) -> np.ndarray:
 
 
 def intensity_classes(values, foreground, k: int, seed: int) -> np.ndarray:
-    """k-means of the foreground's smoothed intensities (``smoothed_values``); class map 1..k (0 outside)."""
+    """k-means of the foreground's smoothed intensities (``smoothed_values``); class map 1..k (0 outside), of the
+    smallest unsigned type that holds k."""
     sample = values[np.random.default_rng(seed).choice(len(values), min(len(values), 20000), replace=False)]
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
     centres = np.sort(km.cluster_centers_.ravel())
     # nearest centre in 1-D = the interval between midpoints (k-means' predict without its (N, k) distances)
-    classes = np.zeros(foreground.shape, np.uint16)
+    classes = np.zeros(foreground.shape, np.min_scalar_type(k))
     classes[foreground] = np.searchsorted((centres[:-1] + centres[1:]) / 2, values.ravel()) + 1
     return classes
 
@@ -110,8 +114,8 @@ def components(classes: np.ndarray) -> np.ndarray:
 
 
 def principal_halves(foreground: np.ndarray, spacing) -> list[np.ndarray]:
-    """For each principal axis of the foreground, a map with 1/2 for the two halves through its centroid. The
-    moments come from the foreground's 2D projections (no (N, 3) coordinate array)."""
+    """For each principal axis of the foreground, a uint8 map with 1/2 for the two halves through its centroid (0
+    outside the foreground). The moments come from the foreground's 2D projections (no (N, 3) coordinate array)."""
     count = int(np.count_nonzero(foreground))
     if count < 4:
         return []
@@ -129,30 +133,34 @@ def principal_halves(foreground: np.ndarray, spacing) -> list[np.ndarray]:
     for axis in vectors.T[::-1]:  # largest variance first
         proj = sum(((g - m) * a).astype(np.float32).reshape([-1 if i == d else 1 for i in range(3)])
                    for d, (g, m, a) in enumerate(zip((z, y, x), mean, axis)))
-        side = np.where(proj > 0, 2, 1).astype(np.uint16)
+        side = np.where(proj > 0, 2, 1).astype(np.uint8)
         side[~foreground] = 0
         halves.append(side)
     return halves
 
 
-def _layers(image, image01, foreground, spacing, s: SupervoxelSettings):
-    """The candidate layers one at a time (SLIC scales, then intensity classes, core classes and halves)."""
-    yield from slic_layers(image01, foreground, spacing, s)
+def _layers(image, image01, foreground, inner: tuple[slice, ...], spacing, s: SupervoxelSettings):
+    """The candidate layers one at a time (SLIC scales, then intensity classes, core classes and halves), made on
+    the crop but yielded on its box ``inner`` (which holds the foreground: every layer is 0 outside it)."""
+    for labels in slic_layers(image01, foreground, spacing, s):
+        yield np.ascontiguousarray(labels[inner])
     image01 = normalise(bias_corrected(image, foreground, spacing, s.bias_sigma_mm), foreground)
-    halves = principal_halves(foreground, spacing) if s.half_splits else []
+    halves = [side[inner] for side in principal_halves(foreground, spacing)] if s.half_splits else []
     core = None
     if s.core_depth_mm > 0:
-        core = ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm
+        core = (ndimage.distance_transform_edt(foreground, sampling=spacing) > s.core_depth_mm)[inner]
     values = smoothed_values(image01, foreground)
+    foreground = np.ascontiguousarray(foreground[inner])  # the same voxels in the same (raster) order
     for k in s.intensity_classes:
         classes = intensity_classes(values, foreground, k, s.seed)
         yield components(classes)
         if core is not None:
-            yield components(np.where(core, classes, 0).astype(np.uint16))
-        for side in halves:  # each threshold between classes (dark / bright part) × the two halves
-            for level in range(2, k + 1):
-                split = (classes >= level).astype(np.uint16) * 2 + side
-                yield components(np.where(classes > 0, split, 0).astype(np.uint16))
+            yield components(classes * core)
+        # each threshold between classes (dark / bright part) × the two halves; side is 0 outside the foreground
+        brighter = [np.left_shift(classes >= level, 1, dtype=np.uint8) for level in range(2, k + 1)]
+        for side in halves:
+            for bright in brighter:
+                yield components(bright + side)
 
 
 def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None) -> np.ndarray:
@@ -167,7 +175,11 @@ def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSetting
     box = foreground_box(foreground, CROP_MARGIN)  # everything below runs on the foreground's bounding box
     crop, fg = np.ascontiguousarray(image[box]), np.ascontiguousarray(foreground[box])
     del image
-    return finalize(_layers(crop, normalise(crop, fg), fg, spacing, s), fg, spacing, s.filters, box, foreground.shape)
+    inner = foreground_box(fg, 0)  # the layers are made on the crop (its margin for smoothing) and kept on this box
+    layers = _layers(crop, normalise(crop, fg), fg, inner, spacing, s)
+    placed = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+    return finalize(layers, np.ascontiguousarray(fg[inner]), spacing, s.filters, placed, foreground.shape,
+                    inside_foreground=True)
 
 
 CROP_MARGIN = 4  # voxels of background kept around the foreground (the 0.7-voxel smoothing reaches 3)
