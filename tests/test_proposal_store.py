@@ -72,9 +72,10 @@ def test_working_grid_round_trip_and_table(tmp_path):
 
 def test_table_from_the_working_grid_equals_the_raw_table():
     """write_proposals computes the raw-grid table on the working grid (multiplicities, mapped boxes): the same rows
-    as on the mapped layer, for any downsampling factors; an upsampled axis falls back (None)."""
+    as on the mapped layer, for any downsampling factors, also when counted inside the layers' occupied box only;
+    an upsampled axis falls back (None)."""
     from mass_nnu.grids import resample_nearest
-    from mass_nnu.proposals.store import layer_table, mapped_layer_table
+    from mass_nnu.proposals.store import RawGridTables, layer_table, mapped_layer_table, occupied_box
 
     rng = np.random.default_rng(1)
     for working_shape, raw_shape in (((5, 6, 7), (10, 18, 14)), ((7, 9, 4), (13, 31, 11)), ((3, 3, 3), (3, 4, 5))):
@@ -82,6 +83,12 @@ def test_table_from_the_working_grid_equals_the_raw_table():
         expected = layer_table(resample_nearest(layer, raw_shape), 2)
         assert np.array_equal(mapped_layer_table(layer, 2, raw_shape), expected)
     assert mapped_layer_table(np.ones((4, 4, 4), np.uint16), 0, (4, 8, 2)) is None
+    layers = np.zeros((2, 9, 8, 7), np.uint16)  # zero outside a box: the tables count inside it only
+    layers[0, 2:5, 1:4, 3:6], layers[1, 3:7, 2:6, 4:5] = rng.integers(0, 5, (3, 3, 3)), 7
+    tables = RawGridTables(layers.shape[1:], (20, 13, 15), occupied_box(layers))
+    assert tables.region == (slice(2, 7), slice(1, 6), slice(3, 6))
+    for i, layer in enumerate(layers):
+        assert np.array_equal(tables.table(layer, i), layer_table(resample_nearest(layer, (20, 13, 15)), i))
 
 
 def test_crops_equal_slices_of_the_full_array(tmp_path):

@@ -141,28 +141,50 @@ def layer_table(layer: np.ndarray, index: int) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
 
 
+class RawGridTables:
+    """Tables on the raw grid ``shape`` of layers on a working grid (``mapped_layer_table``), with what they share
+    computed once: per axis the working voxel each raw voxel maps to (``grids.nearest_indices``), and per working
+    voxel of ``region`` (a box outside which every layer is 0; the whole grid by default) the number of raw voxels
+    mapped onto it (float64: the weighted counts are exact integers below 2**53 voxels). ``exact``: every working
+    voxel has a raw voxel (no axis upsampled); only then are the tables exact."""
+
+    def __init__(self, working_shape, shape, region: tuple[slice, ...] | None = None):
+        working_shape, shape = tuple(int(n) for n in working_shape), tuple(int(n) for n in shape)
+        self.sources = [nearest_indices(n_w, n) for n_w, n in zip(working_shape, shape)]
+        multiplicity = [np.bincount(src, minlength=n_w) for src, n_w in zip(self.sources, working_shape)]
+        self.exact = all(m.all() for m in multiplicity)
+        self.region = region or tuple(slice(0, n) for n in working_shape)
+        m_z, m_y, m_x = (m[sl].astype(np.float64) for m, sl in zip(multiplicity, self.region))
+        self.weights = np.multiply.outer(m_z, np.multiply.outer(m_y, m_x)).ravel()
+
+    def table(self, layer: np.ndarray, index: int) -> np.ndarray:
+        """``layer_table(resample_nearest(layer, shape), index)``, computed on the working grid: a working voxel
+        counts as many raw voxels as map onto it, a bounding box maps to the raw voxels whose source lies inside."""
+        crop = layer[self.region]
+        boxes = ndimage.find_objects(crop)
+        sizes = np.bincount(np.ascontiguousarray(crop).ravel(), weights=self.weights, minlength=len(boxes) + 1)
+        offset = [sl.start for sl in self.region]
+        rows = []
+        for label, box in enumerate(boxes, start=1):
+            if box is not None:
+                low = [int(np.searchsorted(src, b.start + o)) for src, b, o in zip(self.sources, box, offset)]
+                high = [int(np.searchsorted(src, b.stop + o)) for src, b, o in zip(self.sources, box, offset)]
+                rows.append([index, label, int(round(sizes[label])), *low, *high])
+        return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
+
+
 def mapped_layer_table(layer: np.ndarray, index: int, shape) -> np.ndarray | None:
-    """``layer_table(resample_nearest(layer, shape), index)`` computed on the (smaller) working-grid ``layer``:
-    each working voxel counts as many raw voxels as map onto it (the product of the per-axis multiplicities) and a
-    bounding box maps to the raw voxels whose source lies inside it. Exact when every working voxel has a raw
-    voxel (no axis upsampled); None otherwise (then compute it on the raw layer)."""
-    shape = tuple(int(n) for n in shape)
-    sources = [nearest_indices(n_w, n) for n_w, n in zip(layer.shape, shape)]
-    multiplicity = [np.bincount(src, minlength=n_w) for src, n_w in zip(sources, layer.shape)]
-    if any(not m.all() for m in multiplicity):
-        return None
-    top = int(layer.max()) if layer.size else 0
-    plane = np.multiply.outer(multiplicity[1], multiplicity[2]).astype(np.float64).ravel()
-    sizes = np.zeros(top + 1, np.float64)
-    for z in range(layer.shape[0]):  # float64 sums of integers: exact below 2**53 voxels
-        sizes += np.bincount(layer[z].ravel(), weights=plane * multiplicity[0][z], minlength=top + 1)
-    rows = []
-    for label, box in enumerate(ndimage.find_objects(layer), start=1):
-        if box is not None:
-            low = [int(np.searchsorted(src, b.start)) for src, b in zip(sources, box)]
-            high = [int(np.searchsorted(src, b.stop)) for src, b in zip(sources, box)]
-            rows.append([index, label, int(round(sizes[label])), *low, *high])
-    return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
+    """``layer_table(resample_nearest(layer, shape), index)`` computed on the (smaller) working-grid ``layer``
+    (``RawGridTables``). Exact when every working voxel has a raw voxel (no axis upsampled); None otherwise (then
+    compute it on the raw layer)."""
+    tables = RawGridTables(layer.shape, shape)
+    return tables.table(layer, index) if tables.exact else None
+
+
+def occupied_box(layers: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the voxels where any of the (L, Z, Y, X) ``layers`` is non-zero (None: all zero)."""
+    boxes = ndimage.find_objects(np.logical_or.reduce(layers, axis=0).view(np.uint8)) if len(layers) else []
+    return boxes[0] if boxes else None
 
 
 def write_layers(path: str | os.PathLike, count: int, shape, layer_of: Callable[[int], np.ndarray], meta: dict,
@@ -214,9 +236,11 @@ def write_proposals(path: str | os.PathLike, layers: np.ndarray, geometry: dict,
     meta = {"geometry": {key: [float(v) if key != "shape" else int(v) for v in geometry[key]]
                          for key in ("shape", "spacing", "origin", "direction")},
             "backend": backend, "params": params, "working_shape": [int(s) for s in layers.shape[1:]]}
-    same = tuple(layers.shape[1:]) == shape
+    tables = None
+    if tuple(layers.shape[1:]) != shape:  # else written as is, its table counted on the layer itself
+        tables = RawGridTables(layers.shape[1:], shape, occupied_box(layers))
     return write_layers(path, len(layers), shape, lambda i: resample_nearest(layers[i], shape), meta, patch,
-                        None if same else lambda i: mapped_layer_table(layers[i], i, shape))
+                        None if tables is None or not tables.exact else lambda i: tables.table(layers[i], i))
 
 
 @dataclass
