@@ -400,3 +400,19 @@ def test_filter_layer_on_a_tiny_crop_with_large_label_values():
     settings = FilterSettings(min_volume_mm3=8.0, min_fraction=0.0, max_fraction=1.0, min_fill=0.0, min_inside=0.0)
     labels, boxes, sizes = filter_layer(layer, np.ones(layer.shape, bool), 1.0, settings)
     assert list(labels) == [500] and list(sizes) == [12] and boxes == [(slice(0, 1), slice(0, 3), slice(0, 4))]
+
+
+def test_fill_holes_equals_scipy():
+    """The labelling fill equals ``ndimage.binary_fill_holes`` (6-connected background joined to the border)."""
+    from scipy import ndimage
+
+    from mass_nnu.proposals.filtering import fill_holes
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        shape = tuple(rng.integers(1, 16, 3))
+        mask = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2)) > rng.uniform(0.3, 0.7)
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    shell = np.ones((5, 5, 5), bool)
+    shell[2, 2, 2] = False
+    assert fill_holes(shell).all() and not fill_holes(np.zeros((3, 3, 3), bool)).any()

@@ -166,7 +166,7 @@ def propose_case(job) -> tuple[int, float]:
     of the backend itself)."""
     run_one, image_path, out_path, backend, params = job
     image = read_image(image_path)
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32)
     if array.ndim != 3:
         raise MassError(f"{image_path}: image is {array.ndim}D; proposals need 3D volumes")
     start = time.time()

@@ -168,7 +168,9 @@ def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSetting
     (``settings.working_spacing_mm``, see ``proposals/resample.py``; the raw grid when it is None / 0). Every mm
     setting (SLIC spacing, bias sigma, core depth, filters' mm³) is applied with the working spacing."""
     s = settings or SupervoxelSettings()
-    image, spacing = to_working_grid(np.nan_to_num(np.asarray(image, np.float32)), spacing, s.working_spacing_mm)
+    image = np.asarray(image, np.float32)
+    image = image if np.isfinite(image).all() else np.nan_to_num(image)  # the input itself is never written
+    image, spacing = to_working_grid(image, spacing, s.working_spacing_mm)
     foreground = foreground_mask(image)
     if foreground.sum() < 10:
         return np.zeros((0, *image.shape), np.uint16)
