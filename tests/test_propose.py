@@ -416,3 +416,22 @@ def test_fill_holes_equals_scipy():
     shell = np.ones((5, 5, 5), bool)
     shell[2, 2, 2] = False
     assert fill_holes(shell).all() and not fill_holes(np.zeros((3, 3, 3), bool)).any()
+
+
+def test_supervoxel_table_equals_the_table_of_the_mapped_layers():
+    """``with_table``: the same layers, and the table the writer would count on them mapped to the raw grid."""
+    from mass_nnu.grids import resample_nearest
+    from mass_nnu.proposals.store import layer_table
+    from mass_nnu.proposals.supervoxel import supervoxel_proposals
+
+    rng = np.random.default_rng(6)
+    z, y, x = np.ogrid[:33, :50, :47]
+    image = 100.0 * (((z - 16) / 14) ** 2 + ((y - 25) / 22) ** 2 + ((x - 23) / 20) ** 2 < 1)
+    image += 80.0 * (((z - 12) / 6) ** 2 + ((y - 20) / 8) ** 2 + ((x - 16) / 7) ** 2 < 1)
+    image += 160.0 * (((z - 20) / 5) ** 2 + ((y - 32) / 6) ** 2 + ((x - 30) / 6) ** 2 < 1)
+    image = (image + rng.normal(0, 5, image.shape)).astype(np.float32)
+    layers, table = supervoxel_proposals(image, (1.3, 0.9, 0.95), with_table=True)
+    assert np.array_equal(layers, supervoxel_proposals(image, (1.3, 0.9, 0.95))) and len(table) > 3
+    assert layers.shape[1:] != image.shape
+    expected = np.concatenate([layer_table(resample_nearest(layer, image.shape), i) for i, layer in enumerate(layers)])
+    assert np.array_equal(table, expected)

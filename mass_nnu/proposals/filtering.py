@@ -156,37 +156,51 @@ class Deduplicator:
         return True
 
 
-def deduplicate(layers, iou: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def deduplicate(layers, iou: float) -> list[tuple[np.ndarray, list[Proposal]]]:
     """Drop a proposal when an earlier layer already holds one with IoU ≥ ``iou`` (within a layer none overlap).
     ``layers`` yields (map, label values, boxes, sizes) as ``filter_layer`` returns them (with the map first); it may
-    be a generator (only maps with a kept proposal stay in memory). Returns, per such map, (map, lut): ``lut[map]``
-    is the map relabelled 1..n, only the kept proposals. Bounding-box pre-filter, no full-volume pairwise passes."""
+    be a generator (only maps with a kept proposal stay in memory). Returns, per such map, (map, its kept proposals
+    in label order). Bounding-box pre-filter, no full-volume pairwise passes."""
     dedup = Deduplicator(iou)
     kept = []
     for layer, labels, boxes, sizes in layers:
-        added = [label for label, box, size in zip(labels, boxes, sizes)
-                 if dedup.add(Proposal(box, size, layer, label))]
+        added = [p for p in (Proposal(box, size, layer, label) for label, box, size in zip(labels, boxes, sizes))
+                 if dedup.add(p)]
         if added:
-            lut = np.zeros(int(layer.max()) + 1, np.uint16)
-            lut[added] = np.arange(1, len(added) + 1)
-            kept.append((layer, lut))
+            kept.append((layer, added))
     return kept
 
 
 def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tuple[slice, ...] | None = None,
-             shape=None, inside_foreground: bool = False) -> np.ndarray:
-    """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0). ``layers``
-    may be a generator, so that a backend's layers are made, filtered and de-duplicated one at a time. With ``box``
-    and ``shape`` the layers (made on the crop ``box`` of a volume of ``shape``) are written into that volume; each
-    kept layer is relabelled straight into it and freed, so the result is never held twice. ``inside_foreground``:
-    see ``filter_layer``."""
+             shape=None, inside_foreground: bool = False, table_weights: np.ndarray | None = None):
+    """Filter every layer, de-duplicate across layers, and stack to (L, Z, Y, X) uint16 (L may be 0), each layer
+    relabelled 1..n in label order. ``layers`` may be a generator, so that a backend's layers are made, filtered
+    and de-duplicated one at a time. With ``box`` and ``shape`` the layers (made on the crop ``box`` of a volume of
+    ``shape``) are written into that volume; each kept layer is relabelled straight into it and freed, so the result
+    is never held twice. ``inside_foreground``: see ``filter_layer``. With ``table_weights`` (per voxel of the
+    crop, how many voxels it stands for, e.g. raw voxels mapped onto a working voxel) it returns (the stack, its
+    table): ``store.layer_table`` rows in the volume, the voxels counted with those weights."""
     voxel_mm3 = float(np.prod(spacing))
     kept = deduplicate(((layer, *filter_layer(layer, foreground, voxel_mm3, s, inside_foreground))
                         for layer in layers), s.dedupe_iou)
     out = np.zeros((len(kept), *(foreground.shape if shape is None else shape)), np.uint16)
-    region = box or tuple(slice(None) for _ in foreground.shape)
+    region = box or tuple(slice(0, n) for n in foreground.shape)
+    offset = np.array([sl.start for sl in region], np.int64)
+    if table_weights is not None:  # float64 sums of integers: exact below 2**53
+        weights = table_weights[foreground] if inside_foreground else table_weights.ravel()
+    rows = []
     for i in range(len(kept)):
-        layer, lut = kept[i]
+        layer, proposals = kept[i]
+        labels = [p.label for p in proposals]
+        lut = np.zeros(int(layer.max()) + 1, np.uint16)
+        lut[labels] = np.arange(1, len(labels) + 1)
         out[i][region] = np.take(lut, layer, mode="clip")  # no label exceeds len(lut) - 1: nothing is clipped
+        if table_weights is not None:
+            voxels = layer[foreground] if inside_foreground else layer.ravel()
+            counts = np.bincount(voxels, weights=weights, minlength=len(lut))[labels]
+            rows += [[i, new, int(round(n)), *(p.lo + offset), *(p.hi + offset)]
+                     for new, (p, n) in enumerate(zip(proposals, counts), start=1)]
         kept[i] = None
-    return out
+    if table_weights is None:
+        return out
+    return out, np.asarray(rows, np.int64).reshape(-1, 9)

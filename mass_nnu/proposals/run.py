@@ -94,7 +94,8 @@ def make_backend(backend: str, seed: int, sam2_checkpoint: str | None, sam2_conf
     """A function (image array (Z, Y, X), spacing (z, y, x) mm) -> uint16 layers (L, *S_w) on the backend's working
     grid (same field of view as the image; ``store.write_proposals`` maps them to the raw grid). ``working_spacing_mm`` is the
     supervoxel backend's grid, ``sam2_spacing_mm`` the SAM 2 backend's (None / 0: the raw grid); ``half_splits`` and
-    ``core_depth_mm`` are the supervoxel backend's two shape rules (docs/proposals.md)."""
+    ``core_depth_mm`` are the supervoxel backend's two shape rules (docs/proposals.md). The supervoxel function also
+    takes ``with_table=True`` and then returns the layers' raw-grid table with them (``supervoxel_proposals``)."""
     for name, value in (("--working-spacing", working_spacing_mm), ("--sam2-spacing", sam2_spacing_mm)):
         if value is not None and value < 0:
             raise MassError(f"{name} {value}: expected a spacing in mm > 0 (or 0 for the raw grid)")
@@ -170,10 +171,13 @@ def propose_case(job) -> tuple[int, float]:
     if array.ndim != 3:
         raise MassError(f"{image_path}: image is {array.ndim}D; proposals need 3D volumes")
     start = time.time()
-    layers = run_one(array, image.GetSpacing()[::-1])
+    if backend == "supervoxel":  # its table on the raw grid comes with the layers
+        layers, table = run_one(array, image.GetSpacing()[::-1], with_table=True)
+    else:
+        layers, table = run_one(array, image.GetSpacing()[::-1]), None
     elapsed = time.time() - start
     del array
-    table = write_proposals(out_path, layers, image_geometry(image), backend, params)  # mapped to the raw grid
+    table = write_proposals(out_path, layers, image_geometry(image), backend, params, table=table)  # raw grid
     return len(table), elapsed
 
 

@@ -164,13 +164,19 @@ class RawGridTables:
         boxes = ndimage.find_objects(crop)
         sizes = np.bincount(np.ascontiguousarray(crop).ravel(), weights=self.weights, minlength=len(boxes) + 1)
         offset = [sl.start for sl in self.region]
-        rows = []
-        for label, box in enumerate(boxes, start=1):
-            if box is not None:
-                low = [int(np.searchsorted(src, b.start + o)) for src, b, o in zip(self.sources, box, offset)]
-                high = [int(np.searchsorted(src, b.stop + o)) for src, b, o in zip(self.sources, box, offset)]
-                rows.append([index, label, int(round(sizes[label])), *low, *high])
-        return np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
+        rows = [[index, label, int(round(sizes[label])), *[b.start + o for b, o in zip(box, offset)],
+                 *[b.stop + o for b, o in zip(box, offset)]]
+                for label, box in enumerate(boxes, start=1) if box is not None]
+        return self.mapped(np.asarray(rows, np.int64).reshape(-1, len(COLUMNS)))
+
+    def mapped(self, rows: np.ndarray) -> np.ndarray:
+        """Table rows with working-grid boxes -> the same rows with the raw-grid boxes (the raw voxels whose source
+        lies inside); the voxel counts are taken as they are (raw voxels already)."""
+        rows = np.array(rows, np.int64).reshape(-1, len(COLUMNS))
+        for axis, src in enumerate(self.sources):
+            for column in (3 + axis, 6 + axis):
+                rows[:, column] = np.searchsorted(src, rows[:, column])
+        return rows
 
 
 def mapped_layer_table(layer: np.ndarray, index: int, shape) -> np.ndarray | None:
@@ -226,21 +232,26 @@ def write_layers(path: str | os.PathLike, count: int, shape, layer_of: Callable[
 
 
 def write_proposals(path: str | os.PathLike, layers: np.ndarray, geometry: dict, backend: str, params: dict,
-                    patch=None) -> np.ndarray:
+                    patch=None, table: np.ndarray | None = None) -> np.ndarray:
     """A backend's ``layers`` (L, *S_w) on its working grid (any shape over the image's field of view; S_w = the
     raw shape is written as is) mapped to the raw grid ``geometry["shape"]`` by nearest voxel-centre index
-    mapping, one layer at a time, and written (``write_layers``). Returns the table on the raw grid."""
+    mapping, one layer at a time, and written (``write_layers``). ``table``: the rows of the mapped layers when the
+    backend already has them (``supervoxel_proposals(with_table=True)``; sorted by layer, then label), else they
+    are counted here. Returns the table on the raw grid."""
     if layers.ndim != 4:
         raise ValueError(f"layers must be (L, Z, Y, X), got shape {layers.shape}")
     shape = tuple(int(s) for s in geometry["shape"])
     meta = {"geometry": {key: [float(v) if key != "shape" else int(v) for v in geometry[key]]
                          for key in ("shape", "spacing", "origin", "direction")},
             "backend": backend, "params": params, "working_shape": [int(s) for s in layers.shape[1:]]}
-    tables = None
-    if tuple(layers.shape[1:]) != shape:  # else written as is, its table counted on the layer itself
+    table_of = None
+    if table is not None:
+        bounds = np.searchsorted(table[:, 0], np.arange(len(layers) + 1))
+        table_of = lambda i: table[bounds[i]:bounds[i + 1]]  # noqa: E731
+    elif tuple(layers.shape[1:]) != shape:  # else written as is, its table counted on the layer itself
         tables = RawGridTables(layers.shape[1:], shape, occupied_box(layers))
-    return write_layers(path, len(layers), shape, lambda i: resample_nearest(layers[i], shape), meta, patch,
-                        None if tables is None or not tables.exact else lambda i: tables.table(layers[i], i))
+        table_of = (lambda i: tables.table(layers[i], i)) if tables.exact else None
+    return write_layers(path, len(layers), shape, lambda i: resample_nearest(layers[i], shape), meta, patch, table_of)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from sklearn.cluster import KMeans
 from mass_nnu.grids import resample_nearest
 from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
 from mass_nnu.proposals.resample import to_working_grid
+from mass_nnu.proposals.store import COLUMNS, RawGridTables
 
 
 @dataclass
@@ -163,25 +164,37 @@ def _layers(image, image01, foreground, inner: tuple[slice, ...], spacing, s: Su
                 yield components(bright + side)
 
 
-def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None) -> np.ndarray:
+def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSettings | None = None,
+                         with_table: bool = False):
     """Proposals for one (Z, Y, X) image with spacing in the same order -> uint16 (L, *S_w) on the working grid
     (``settings.working_spacing_mm``, see ``proposals/resample.py``; the raw grid when it is None / 0). Every mm
-    setting (SLIC spacing, bias sigma, core depth, filters' mm³) is applied with the working spacing."""
+    setting (SLIC spacing, bias sigma, core depth, filters' mm³) is applied with the working spacing. With
+    ``with_table``: (layers, their table on the image's grid), which ``store.write_proposals`` takes instead of
+    counting the mapped layers (the filters know every box already; the voxels are counted once, on the working
+    grid's foreground, each as the raw voxels mapped onto it)."""
     s = settings or SupervoxelSettings()
     image = np.asarray(image, np.float32)
+    raw_shape = image.shape
     image = image if np.isfinite(image).all() else np.nan_to_num(image)  # the input itself is never written
     image, spacing = to_working_grid(image, spacing, s.working_spacing_mm)
     foreground = foreground_mask(image)
     if foreground.sum() < 10:
-        return np.zeros((0, *image.shape), np.uint16)
+        layers = np.zeros((0, *image.shape), np.uint16)
+        return (layers, np.zeros((0, len(COLUMNS)), np.int64)) if with_table else layers
     box = foreground_box(foreground, CROP_MARGIN)  # everything below runs on the foreground's bounding box
     crop, fg = np.ascontiguousarray(image[box]), np.ascontiguousarray(foreground[box])
     del image
     inner = foreground_box(fg, 0)  # the layers are made on the crop (its margin for smoothing) and kept on this box
     layers = _layers(crop, normalise(crop, fg), fg, inner, spacing, s)
     placed = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-    return finalize(layers, np.ascontiguousarray(fg[inner]), spacing, s.filters, placed, foreground.shape,
-                    inside_foreground=True)
+    fg = np.ascontiguousarray(fg[inner])
+    tables = RawGridTables(foreground.shape, raw_shape, placed) if with_table else None
+    if tables is None or not tables.exact:  # (never: the working grid is never finer than the raw one)
+        layers = finalize(layers, fg, spacing, s.filters, placed, foreground.shape, inside_foreground=True)
+        return (layers, None) if with_table else layers
+    layers, table = finalize(layers, fg, spacing, s.filters, placed, foreground.shape, inside_foreground=True,
+                             table_weights=tables.weights.reshape(fg.shape))
+    return layers, tables.mapped(table)
 
 
 CROP_MARGIN = 4  # voxels of background kept around the foreground (the 0.7-voxel smoothing reaches 3)
