@@ -237,3 +237,19 @@ def test_proposals_in_crop_counts_every_proposal_inside_the_box(tmp_path):
         inside = np.all((stats[:, 3:6] >= low) & (stats[:, 6:9] <= high), axis=1)
         whole, cut = whole + int(inside.sum()), cut + int((~inside & (np.asarray(expected) > 0)).sum())
     assert whole and cut  # both branches ran
+
+
+def test_resample_nearest_equals_one_take_per_axis():
+    """The row-gather mapping equals a nearest-index take along every changed axis (leading axes kept, any input
+    layout, unchanged axes left alone)."""
+    from mass_nnu.grids import nearest_indices, resample_nearest
+
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        lead = int(rng.integers(0, 2))
+        array = rng.integers(0, 100, tuple(rng.integers(1, 7, 3 + lead))).astype(np.uint16)[..., ::-1]
+        shape = tuple(n if rng.random() < 0.3 else int(rng.integers(1, 13)) for n in array.shape[lead:])
+        expected = array
+        for axis, (n_in, n_out) in enumerate(zip(array.shape[lead:], shape)):
+            expected = np.take(expected, nearest_indices(n_in, n_out), axis=lead + axis)
+        assert np.array_equal(resample_nearest(array, shape), expected)
