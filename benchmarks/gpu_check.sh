@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
 # One GPU check on one H200, within a deadline (GPU_CHECK_BUDGET, 480 s): makes its own data (no downloads), writes
-# under $OUT (else a temporary folder), prints a summary table at the end. First H200 run (2026-12-04,
-# benchmarks/results/gpu_check_2026-12-04): two planned datasets took 104 s and the compiled sections did not finish
-# in their time. The data part now plans one dataset, the sections not measured yet come first, and a section that
-# would pass the deadline is cut short or skipped (logged), so the script ends in time.
+# under $OUT (else a temporary folder), prints a summary table at the end. Runs so far (H200, section times in
+# docs/benchmarks.md, "The GPU check"): benchmarks/results/gpu_check_2026-12-04 (eager and checkpointed steps; the
+# compiled ones ran out of time) and gpu_check_2026-12-04_run2 (compiled steps: MASS compiles in 137 s, nnU-Net in
+# 84 s; compiled fine-tuning 69 s and 92 s). Since run 2 the compiled step writes the weights that fine-tuning
+# starts from (no separate 1-step pretraining) and fine-tuning uses the same batch as the step, so that nnU-Net's
+# compiled network comes from inductor's cache; eager sections only with GPU_CHECK_EAGER=1.
 #
 #   bash benchmarks/gpu_check.sh                         # on the GPU machine, from the repository root
-#   GPU_CHECK_TINY=1 GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # CPU dry run of every part, tiny sizes
+#   GPU_CHECK_EAGER=1 GPU_CHECK_BUDGET=720 bash benchmarks/gpu_check.sh   # also the eager sections
+#   GPU_CHECK_TINY=1 GPU_CHECK_DEVICE=cpu GPU_CHECK_COMPILE=0 bash benchmarks/gpu_check.sh   # CPU dry run, tiny sizes
 #
 # 1. data: the labelled CT phantom Dataset732 (6 cases: nnU-Net's 5 folds) at the default size (96×128×128, 1.5 mm;
 #    GPU_CHECK_PHANTOM=full for 512×512×200), planned with the default ResEnc M plans (full width, 32 base features),
 #    proposed (supervoxels: proposals know nothing of the labels, so the labelled set pretrains too), and a derived
-#    plans file nnUNetResEncUNetMPlans_p<PATCH> with the patch forced to PATCH³ (128³; same preprocessed data);
+#    plans file nnUNetResEncUNetMPlans_p<PATCH> with the patch forced to PATCH³ (128³; same preprocessed data) and
+#    batch 2;
 # 2. P1/P3/P5: benchmarks/pretrain_step.py, MASS pretraining step (bf16 autocast) against nnU-Net's own supervised
-#    step on the same plans: eager, then with torch.compile on both sides (the warm-up row holds the compilation);
+#    step on the same plans, with torch.compile on both sides (the warm-up row holds the compilation);
 # 3. loader throughput: the pretraining sampler with 12 DataLoader workers, samples per second;
-# 4. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP, with nnU-Net's compile;
-# 5. P1/P3/P5 eager with --activation-checkpointing (last: it was measured on 2026-12-04).
+# 4. P2: benchmarks/finetune_iteration.py, in-context head fine-tuning under nnU-Net's AMP and compile, from the
+#    weights of 2.;
+# 5. with GPU_CHECK_EAGER=1: P1/P3/P5 eager, eager with pageable batches, eager with --activation-checkpointing.
 # Environment: GPU_CHECK_TINY=1 (small phantom, patch 32³, few steps, 2 workers), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: no compiled pretraining steps, fine-tuning without
-# nnUNet_compile; on CPU the compiled step compiles for ~5 min), GPU_CHECK_PROFILE=N (only the data and one eager
-# pretrain_step.py run with N profiled steps per side), PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds per
-# section, 150; compiled sections get 150 more), GPU_CHECK_BUDGET (seconds for the whole script, 480). A failing,
-# timed-out or skipped section is logged and the script goes on with the next one (each section's output stays in
-# its own file); the exit status says whether any failed.
+# GPU_CHECK_WORKERS (12), GPU_CHECK_COMPILE=0 (no torch.compile: 2. runs eager and 4. without nnUNet_compile;
+# mass pretrain ignores --compile on CPU, as nnU-Net), GPU_CHECK_EAGER=1, GPU_CHECK_PROFILE=N (only the data and
+# one eager pretrain_step.py run with N profiled steps per side), PYTHON (python), GPU_CHECK_STEP_TIMEOUT (seconds
+# per section, 150; compiled sections get 150 more), GPU_CHECK_BUDGET (seconds for the whole script, 480). A
+# failing, timed-out or skipped section is logged and the script goes on with the next one (each section's output
+# stays in its own file); the exit status says whether any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -91,10 +96,12 @@ source, derived, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dataset = Dataset.resolve(sys.argv[4])
 plans = dataset.plans(source)
 plans["plans_name"] = derived
-plans["configurations"]["3d_fullres"]["patch_size"] = [patch] * 3  # same data_identifier: same data
+configuration = plans["configurations"]["3d_fullres"]
+configuration["patch_size"] = [patch] * 3  # same data_identifier: same data
+configuration["batch_size"] = 2  # pretrain_step.py's: fine-tuning then reuses nnU-Net's compiled network
 path = dataset.plans_file(derived)
 path.write_text(json.dumps(plans, indent=2))
-print(f"{path}: patch {[patch] * 3}")
+print(f"{path}: patch {[patch] * 3}, batch 2")
 EOF
 
 if [[ -n "$PROFILE" ]]; then
@@ -104,29 +111,37 @@ if [[ -n "$PROFILE" ]]; then
   exit $(( failed > 0 ))
 fi
 
-MODES="eager"
-log "P1/P3/P5 eager (bf16 autocast on cuda)"
-step eager
 if [[ "$COMPILE" != 0 ]]; then
-  log "P1/P3/P5 torch.compile (both sides)"
-  STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) step compile --compile
-  MODES="$MODES compile"
+  log "P1/P3/P5 torch.compile (both sides); the MASS side's weights go to $ROOT/pretrained"
+  STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) step compile --compile --export "$ROOT/pretrained"
+  MODES="compile"
+else
+  log "P1/P3/P5 eager (bf16 autocast on cuda); the MASS side's weights go to $ROOT/pretrained"
+  step eager --export "$ROOT/pretrained"
+  MODES="eager"
 fi
 
 log "loader throughput, $LOADER_WORKERS workers"
 check loader $PY benchmarks/loader_throughput.py -d "$D" -p "$DERIVED" --patch 0 -np "$LOADER_WORKERS" \
     --batches "$BATCHES" $([[ $DEVICE == cuda ]] && echo --pin) > >(tee "$ROOT/loader.txt")
 
-log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile unless GPU_CHECK_COMPILE=0), in-context head from a 1-step pretraining"
-check pretrain-1step $PY -m mass_nnu pretrain -d "$D" -p "$DERIVED" --epochs 1 --iters-per-epoch 1 --val-iters 1 \
-    --batch-size 1 -np 0 -device "$DEVICE" -o "$ROOT/pretrained" > "$ROOT/pretrain_1step.txt"
+log "P2: fine-tuning iterations (nnU-Net's AMP, nnUNet_compile unless GPU_CHECK_COMPILE=0), in-context head"
 STEP_TIMEOUT=$(( STEP_TIMEOUT + 150 )) check finetune env nnUNet_compile=$([[ $COMPILE != 0 ]] && echo true || echo false) \
     $PY benchmarks/finetune_iteration.py -d "$D" -p "$DERIVED" -w "$ROOT/pretrained" --heads incontext \
     --iterations "$ITERS" --rounds "$ROUNDS" -device "$DEVICE" > >(tee "$ROOT/finetune_iteration.txt")
 
-log "P1/P3/P5 eager with --activation-checkpointing (the reference's encoder pass recomputed in backward)"
-step checkpointing --activation-checkpointing
-MODES="$MODES checkpointing"
+if [[ -n "${GPU_CHECK_EAGER:-}" ]]; then
+  if [[ "$COMPILE" != 0 ]]; then
+    log "P1/P3/P5 eager (bf16 autocast on cuda)"
+    step eager
+    MODES="$MODES eager"
+  fi
+  log "P1/P3/P5 eager, pageable batches (mass pretrain pins them)"
+  step eager-pageable --no-pin
+  log "P1/P3/P5 eager with --activation-checkpointing (the reference's encoder pass recomputed in backward)"
+  step checkpointing --activation-checkpointing
+  MODES="$MODES eager-pageable checkpointing"
+fi
 
 log "summary (all outputs in $ROOT)"
 {

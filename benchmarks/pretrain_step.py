@@ -87,10 +87,11 @@ def run_mass(args) -> dict:
                                 activation_checkpointing=args.activation_checkpointing,
                                 memory_check=False)
     trainer = MASSPretrainer([args.d], args.p, args.c, settings, args.device,
-                             output=os.path.join(args.scratch, "mass"))
+                             output=args.export or os.path.join(args.scratch, "mass"))
     trainer.build_data()
     device = trainer.device
-    loader = iter(trainer.train_stream.loader(0, args.np, pin_memory=device.type == "cuda"))  # as mass pretrain
+    pin = device.type == "cuda" and not args.no_pin  # as mass pretrain
+    loader = iter(trainer.train_stream.loader(0, args.np, pin_memory=pin))
     warmup = time.perf_counter()
     for _ in range(args.warmup):
         trainer.train_step(next(loader))
@@ -111,6 +112,11 @@ def run_mass(args) -> dict:
               "peak_mb": memory_peak(device, start_mem), "patch": list(trainer.train_stream.sampler.patch_size),
               "warmup_s": warmup}
     profile_steps(lambda: trainer.train_step(next(loader)), args, device, "mass")
+    if args.export:  # the trained steps as a mass pretrain folder, e.g. for finetune_iteration.py -w
+        val_loss, val_dice = trainer.validate()
+        trainer.history["val_loss"].append(val_loss)
+        trainer.history["val_dice"].append(val_dice)
+        trainer.finish()
     return result
 
 
@@ -164,6 +170,10 @@ def main() -> None:
                         help="MASS side: mass pretrain --activation-checkpointing (reference encoder recomputed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (MASS: --compile; "
                                                                    "nnU-Net: nnUNet_compile=true)")
+    parser.add_argument("--no-pin", action="store_true", help="MASS side on CUDA: pageable batches (mass pretrain "
+                                                                   "pins them)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="then write the MASS side's model as a mass pretrain folder (for finetune_iteration -w)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then N steps of each side under torch.profiler; prints the top operators")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -194,7 +204,8 @@ def main() -> None:
     figures = {"P1": mass["step_s"] / nnunet["step_s"], "P3": mass["wait_fraction"],
                "P5": mass["peak_mb"] / max(nnunet["peak_mb"], 1e-6)}
     print(f"device {args.device}{', compiled' if args.compile else ''}"
-          f"{', MASS with activation checkpointing' if args.activation_checkpointing else ''}, patch {mass['patch']}, batch {args.batch_size}, "
+          f"{', MASS with activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{', pageable batches' if args.no_pin and args.device != 'cpu' else ''}, patch {mass['patch']}, batch {args.batch_size}, "
           f"{args.steps} timed steps "
           f"(+{args.warmup} warm-up), -np {args.np}")
     print(f"{'':28s}{'MASS':>12s}{'nnU-Net':>12s}")

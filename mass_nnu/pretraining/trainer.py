@@ -139,6 +139,8 @@ class MASSPretrainer:
         self.fingerprint = architecture_fingerprint(self.model.backbone.state_dict())
         self._check_datasets(plans_identifier)
         self.model.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch and batch: as nnU-Net's training
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if settings.optimizer != "adamw":
