@@ -243,6 +243,12 @@ def test_working_grid_and_mapping_back():
     small, sp = to_working_grid(ramp, (4, 4, 1), 4.0)
     assert small.shape == (2, 3, 10) and sp == (4.0, 4.0, 4.0)
     assert np.allclose(small[0, 0, 1:-1], np.arange(1, 9) * 4 + 1.5, atol=1e-3)  # inside (edges: nearest padding)
+    # the first axis is interpolated slice by slice: the same numbers as along any other axis
+    from mass_nnu.proposals.resample import _linear_axis
+    noise = np.random.default_rng(0).normal(0, 100, (13, 5, 7)).astype(np.float32)
+    for size in (4, 9, 13):
+        assert np.array_equal(_linear_axis(noise, 0, size), _linear_axis(noise.transpose(1, 0, 2), 1, size)
+                              .transpose(1, 0, 2))
     # back to the raw grid: raw voxel i takes the working voxel whose centre is nearest
     layers = np.arange(10, dtype=np.uint16)[None, None, None].repeat(2, 1).repeat(3, 2)
     raw = resample_nearest(layers, (2, 3, 40))
