@@ -37,9 +37,9 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_fill_holes(mask)`` (the background that no 6-connected path joins to the volume's border is
-    filled) by one labelling of the background (cc3d) instead of an iterated dilation: 10× faster."""
-    background = cc3d.connected_components(~mask, connectivity=6)
+    """``ndimage.binary_fill_holes(mask)`` of a 2D / 3D mask (the background that no face-connected path joins to
+    the border is filled) by one labelling of the background (cc3d) instead of an iterated dilation: 3.5× faster."""
+    background = cc3d.connected_components(~mask, connectivity=6 if mask.ndim == 3 else 4)
     outer = np.zeros(int(background.max()) + 1, bool)
     for axis in range(mask.ndim):
         for end in (0, -1):
@@ -203,4 +203,4 @@ def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tu
         kept[i] = None
     if table_weights is None:
         return out
-    return out, np.asarray(rows, np.int64).reshape(-1, 9)
+    return out, np.asarray(rows, np.int64).reshape(-1, 9)  # layer, label, voxels, low (3), high (3)

@@ -245,9 +245,8 @@ def write_proposals(path: str | os.PathLike, layers: np.ndarray, geometry: dict,
                          for key in ("shape", "spacing", "origin", "direction")},
             "backend": backend, "params": params, "working_shape": [int(s) for s in layers.shape[1:]]}
     table_of = None
-    if table is not None:
-        bounds = np.searchsorted(table[:, 0], np.arange(len(layers) + 1))
-        table_of = lambda i: table[bounds[i]:bounds[i + 1]]  # noqa: E731
+    if table is not None:  # its rows of each layer
+        table_of = np.split(table, np.searchsorted(table[:, 0], np.arange(1, len(layers)))).__getitem__
     elif tuple(layers.shape[1:]) != shape:  # else written as is, its table counted on the layer itself
         tables = RawGridTables(layers.shape[1:], shape, occupied_box(layers))
         table_of = (lambda i: tables.table(layers[i], i)) if tables.exact else None

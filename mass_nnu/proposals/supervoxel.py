@@ -185,15 +185,14 @@ def supervoxel_proposals(image: np.ndarray, spacing, settings: SupervoxelSetting
     crop, fg = np.ascontiguousarray(image[box]), np.ascontiguousarray(foreground[box])
     del image
     inner = foreground_box(fg, 0)  # the layers are made on the crop (its margin for smoothing) and kept on this box
-    layers = _layers(crop, normalise(crop, fg), fg, inner, spacing, s)
     placed = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-    fg = np.ascontiguousarray(fg[inner])
-    tables = RawGridTables(foreground.shape, raw_shape, placed) if with_table else None
-    if tables is None or not tables.exact:  # (never: the working grid is never finer than the raw one)
-        layers = finalize(layers, fg, spacing, s.filters, placed, foreground.shape, inside_foreground=True)
-        return (layers, None) if with_table else layers
-    layers, table = finalize(layers, fg, spacing, s.filters, placed, foreground.shape, inside_foreground=True,
-                             table_weights=tables.weights.reshape(fg.shape))
+    layers = _layers(crop, normalise(crop, fg), fg, inner, spacing, s)
+    inside = np.ascontiguousarray(fg[inner])
+    if not with_table:
+        return finalize(layers, inside, spacing, s.filters, placed, foreground.shape, inside_foreground=True)
+    tables = RawGridTables(foreground.shape, raw_shape, placed)  # exact: the working grid is never the finer one
+    layers, table = finalize(layers, inside, spacing, s.filters, placed, foreground.shape, inside_foreground=True,
+                             table_weights=tables.weights.reshape(inside.shape))
     return layers, tables.mapped(table)
 
 
