@@ -243,12 +243,18 @@ def test_working_grid_and_mapping_back():
     small, sp = to_working_grid(ramp, (4, 4, 1), 4.0)
     assert small.shape == (2, 3, 10) and sp == (4.0, 4.0, 4.0)
     assert np.allclose(small[0, 0, 1:-1], np.arange(1, 9) * 4 + 1.5, atol=1e-3)  # inside (edges: nearest padding)
-    # the first axis is interpolated slice by slice: the same numbers as along any other axis
+    # interpolated slice by slice: the same float32 numbers as the whole-array formula
     from mass_nnu.proposals.resample import _linear_axis
     noise = np.random.default_rng(0).normal(0, 100, (13, 5, 7)).astype(np.float32)
-    for size in (4, 9, 13):
-        assert np.array_equal(_linear_axis(noise, 0, size), _linear_axis(noise.transpose(1, 0, 2), 1, size)
-                              .transpose(1, 0, 2))
+    for axis in range(3):
+        for size in (1, 3, 6, 13):
+            n = noise.shape[axis]
+            coords = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+            lo = np.floor(coords).astype(np.intp)
+            hi = np.minimum(lo + 1, n - 1)
+            w = (coords - lo).astype(np.float32).reshape([size if a == axis else 1 for a in range(3)])
+            expected = np.take(noise, lo, axis=axis) * (1 - w) + np.take(noise, hi, axis=axis) * w
+            assert np.array_equal(_linear_axis(noise, axis, size), expected)
     # back to the raw grid: raw voxel i takes the working voxel whose centre is nearest
     layers = np.arange(10, dtype=np.uint16)[None, None, None].repeat(2, 1).repeat(3, 2)
     raw = resample_nearest(layers, (2, 3, 40))
