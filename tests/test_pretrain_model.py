@@ -220,6 +220,47 @@ def test_loss_perfect_wrong_and_empty_targets():
     assert plain(perfect, target) < 1e-3 < plain(wrong, target)
 
 
+def reference_per_task(logits, target, adaptive: bool, smooth: float = 1.0):
+    """The loss written with autograd on full-size float tensors: what the chunked ``_DiceBCE`` must equal."""
+    x, t = logits.flatten(2), target.to(logits.dtype).flatten(2)
+    probs = torch.sigmoid(x)
+    tp = (probs * t).sum(-1)
+    fp, fn = (probs.sum(-1) - tp).clamp_min(0), (t.sum(-1) - tp).clamp_min(0)
+    if adaptive:
+        alpha = (fp / (fp + fn).clamp_min(1e-6)).clamp(0.2, 0.8).detach()
+        dice = (tp + smooth) / (tp + alpha * fp + (1 - alpha) * fn + smooth)
+    else:
+        dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth)
+    return (1 - dice) + torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none").mean(-1)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_chunked_loss_equals_the_full_size_formula_in_value_and_gradient(monkeypatch, adaptive):
+    """Values and gradients of the chunked loss equal autograd's on the full-size formula (float64), with chunks
+    that split the task rows unevenly, empty and full targets, bool and float targets; bf16 logits get bf16
+    gradients close to float32's."""
+    from mass_nnu.model import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_VOXELS", 3 * 6 * 5 * 4)  # 3 rows per chunk, 8 rows
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 4, 6, 5, 4, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.rand(2, 4, 6, 5, 4, generator=g) > 0.6
+    target[0, 1], target[1, 2] = False, True  # an empty and a full task
+    upstream = torch.rand(2, 4, generator=g, dtype=torch.float64)
+    loss = InContextLoss(adaptive_fp_fn=adaptive)
+    for t in (target, target.double()):
+        ours = loss.per_task(logits, t)
+        ref = reference_per_task(logits, t, adaptive)
+        assert torch.allclose(ours, ref, atol=1e-10)
+        grad_ours, = torch.autograd.grad((ours * upstream).sum(), logits)
+        grad_ref, = torch.autograd.grad((ref * upstream).sum(), logits)
+        assert torch.allclose(grad_ours, grad_ref, atol=1e-10)
+    low = logits.detach().float().bfloat16().requires_grad_()
+    grad_low, = torch.autograd.grad((loss.per_task(low, target) * upstream.float()).sum(), low)
+    assert grad_low.dtype == torch.bfloat16
+    assert torch.allclose(grad_low.float(), grad_ref.float(), atol=2e-3, rtol=2e-2)
+
+
 def test_deep_supervision_matches_nnunet():
     """Weights equal nnU-Net's for the outputs it trains; targets are downsampled like its DS transform."""
     import numpy as np

@@ -275,7 +275,7 @@ class MASSPretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             outputs = self.train_model(batch["ref_image"], batch["ref_masks"], batch["query_image"], batch["valid"])
-        loss = self.loss([o.float() for o in outputs], batch["query_masks"], batch["valid"])
+        loss = self.loss(outputs, batch["query_masks"], batch["valid"])  # bf16 logits: float32 chunk by chunk
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
