@@ -447,3 +447,25 @@ def test_supervoxel_table_equals_the_table_of_the_mapped_layers():
     assert layers.shape[1:] != image.shape
     expected = np.concatenate([layer_table(resample_nearest(layer, image.shape), i) for i, layer in enumerate(layers)])
     assert np.array_equal(table, expected)
+
+
+def test_intensity_classes_cluster_on_one_thread(monkeypatch):
+    """k-means runs with one OpenMP thread: its reduction order otherwise made the proposals of the same image
+    differ between machines with different core counts (seen on the MNI sets: 1 and 2 threads, other hashes)."""
+    from threadpoolctl import threadpool_info
+
+    from mass_nnu.proposals import supervoxel
+
+    threads = []
+
+    class Recording(supervoxel.KMeans):
+        def fit(self, *args, **kwargs):
+            threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp")
+            return super().fit(*args, **kwargs)
+
+    monkeypatch.setattr(supervoxel, "KMeans", Recording)
+    image = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32)
+    foreground = np.ones(image.shape, bool)
+    classes = supervoxel.intensity_classes(image[foreground].reshape(-1, 1), foreground, 3, seed=0)
+    assert set(np.unique(classes)) == {1, 2, 3}
+    assert threads and set(threads) == {1}

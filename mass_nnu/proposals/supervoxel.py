@@ -11,6 +11,7 @@ from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 from skimage.segmentation import slic
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from mass_nnu.grids import resample_nearest
 from mass_nnu.proposals.filtering import FilterSettings, finalize, foreground_mask
@@ -88,9 +89,10 @@ def smoothed_values(image01, foreground) -> np.ndarray:
 
 def intensity_classes(values, foreground, k: int, seed: int) -> np.ndarray:
     """k-means of the foreground's smoothed intensities (``smoothed_values``); class map 1..k (0 outside), of the
-    smallest unsigned type that holds k."""
+    smallest unsigned type that holds k. One thread, so that the same image gives the same classes on any machine."""
     sample = values[np.random.default_rng(seed).choice(len(values), min(len(values), 20000), replace=False)]
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
+    with threadpool_limits(limits=1):  # OpenMP's reduction order made the classes depend on the core count
+        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
     centres = np.sort(km.cluster_centers_.ravel())
     # nearest centre in 1-D = the interval between midpoints (k-means' predict without its (N, k) distances)
     classes = np.zeros(foreground.shape, np.min_scalar_type(k))
