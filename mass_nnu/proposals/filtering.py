@@ -8,6 +8,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from mass_nnu.proposals.store import COLUMNS
+
 
 @dataclass
 class FilterSettings:
@@ -203,4 +205,4 @@ def finalize(layers, foreground: np.ndarray, spacing, s: FilterSettings, box: tu
         kept[i] = None
     if table_weights is None:
         return out
-    return out, np.asarray(rows, np.int64).reshape(-1, 9)  # layer, label, voxels, low (3), high (3)
+    return out, np.asarray(rows, np.int64).reshape(-1, len(COLUMNS))
