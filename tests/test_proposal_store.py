@@ -73,16 +73,17 @@ def test_working_grid_round_trip_and_table(tmp_path):
 def test_table_from_the_working_grid_equals_the_raw_table():
     """write_proposals computes the raw-grid table on the working grid (multiplicities, mapped boxes): the same rows
     as on the mapped layer, for any downsampling factors, also when counted inside the layers' occupied box only;
-    an upsampled axis falls back (None)."""
+    an upsampled axis is not exact (write_proposals then counts the mapped layer)."""
     from mass_nnu.grids import resample_nearest
-    from mass_nnu.proposals.store import RawGridTables, layer_table, mapped_layer_table, occupied_box
+    from mass_nnu.proposals.store import RawGridTables, layer_table, occupied_box
 
     rng = np.random.default_rng(1)
     for working_shape, raw_shape in (((5, 6, 7), (10, 18, 14)), ((7, 9, 4), (13, 31, 11)), ((3, 3, 3), (3, 4, 5))):
         layer = _blocks(rng, working_shape, 1, labels=20)[0]
         expected = layer_table(resample_nearest(layer, raw_shape), 2)
-        assert np.array_equal(mapped_layer_table(layer, 2, raw_shape), expected)
-    assert mapped_layer_table(np.ones((4, 4, 4), np.uint16), 0, (4, 8, 2)) is None
+        tables = RawGridTables(working_shape, raw_shape)
+        assert tables.exact and np.array_equal(tables.table(layer, 2), expected)
+    assert not RawGridTables((4, 4, 4), (4, 8, 2)).exact
     layers = np.zeros((2, 9, 8, 7), np.uint16)  # zero outside a box: the tables count inside it only
     layers[0, 2:5, 1:4, 3:6], layers[1, 3:7, 2:6, 4:5] = rng.integers(0, 5, (3, 3, 3)), 7
     tables = RawGridTables(layers.shape[1:], (20, 13, 15), occupied_box(layers))

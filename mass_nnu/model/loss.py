@@ -30,14 +30,14 @@ CHUNK_VOXELS = 1 << 24  # float32 temporaries of the loss: at most this many val
 
 class _DiceBCE(torch.autograd.Function):
     """(B, K) Dice + BCE loss of logits (B, K, *S) in any float dtype against targets (B, K, *S) in {0, 1}, without
-    full-size float32 copies (float64 logits: float64): the forward sums in chunks of task rows, the backward recomputes the sigmoid per chunk
-    and writes the gradient in the logits' dtype. Saved for backward: the logits and targets (alive anyway) and a few
-    values per task. Dice = (c·tp + s) / (a·Σp + b·Σt + s): the adaptive Tversky form has c = 1, a = alpha,
+    full-size float32 copies (float64 logits: float64): the forward sums in chunks of task rows, the backward
+    recomputes the sigmoid per chunk and writes the gradient in the logits' dtype. Saved for backward: the logits
+    and targets (alive anyway) and a few values per task. Dice = (c·tp + s) / (a·Σp + b·Σt + s): the adaptive Tversky form has c = 1, a = alpha,
     b = 1 - alpha (alpha detached), the plain soft Dice c = 2, a = b = 1; so dDice/dp_i = (c·t_i·D - N·a) / D²."""
 
     @staticmethod
     def forward(ctx, logits, target, weight_dice, weight_bce, smooth, adaptive, alpha_range):
-        rows, t_rows = logits.detach().flatten(2).flatten(0, 1), target.flatten(2).flatten(0, 1)
+        rows, t_rows = logits.flatten(2).flatten(0, 1), target.flatten(2).flatten(0, 1)
         size, dtype = rows.shape[1], torch.promote_types(logits.dtype, torch.float32)
         step = max(1, CHUNK_VOXELS // max(size, 1))
         tp, psum, tsum, bce = (torch.empty(len(rows), dtype=dtype, device=rows.device) for _ in range(4))

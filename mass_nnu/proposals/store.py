@@ -142,7 +142,7 @@ def layer_table(layer: np.ndarray, index: int) -> np.ndarray:
 
 
 class RawGridTables:
-    """Tables on the raw grid ``shape`` of layers on a working grid (``mapped_layer_table``), with what they share
+    """Tables on the raw grid ``shape`` of layers on a working grid, with what they share
     computed once: per axis the working voxel each raw voxel maps to (``grids.nearest_indices``), and per working
     voxel of ``region`` (a box outside which every layer is 0; the whole grid by default) the number of raw voxels
     mapped onto it (float64: the weighted counts are exact integers below 2**53 voxels). ``exact``: every working
@@ -177,14 +177,6 @@ class RawGridTables:
             for column in (3 + axis, 6 + axis):
                 rows[:, column] = np.searchsorted(src, rows[:, column])
         return rows
-
-
-def mapped_layer_table(layer: np.ndarray, index: int, shape) -> np.ndarray | None:
-    """``layer_table(resample_nearest(layer, shape), index)`` computed on the (smaller) working-grid ``layer``
-    (``RawGridTables``). Exact when every working voxel has a raw voxel (no axis upsampled); None otherwise (then
-    compute it on the raw layer)."""
-    tables = RawGridTables(layer.shape, shape)
-    return tables.table(layer, index) if tables.exact else None
 
 
 def occupied_box(layers: np.ndarray) -> tuple[slice, ...] | None:
